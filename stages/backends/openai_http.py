@@ -167,8 +167,7 @@ class OpenAIBackend:
                 text, usage = self._read_reply(reply)
                 return GenResult(req.key, text, None, time.monotonic() - start, attempts, usage)
             except _ResponseFormatRefused:
-                if "response_format" not in body:
-                    return self._failed(req, "HTTP 400: server refused the request", start, attempts)
+                # Structured output is a nicety: drop it for the rest of the run and go again.
                 with self._lock:
                     self._response_format_ok = False
                 continue

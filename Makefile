@@ -1,0 +1,45 @@
+# Two commands: `make demo` and `make test`. Each creates .venv and installs what it needs.
+# On a machine without CUDA, torch is pinned first to the CPU wheel (a looser spec pulls a
+# multi-GB CUDA build); the package and its extras come after it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+LVR := $(VENV)/bin/lvr
+STAMP := $(VENV)/.lvr-installed
+TORCH ?= torch==2.13.0
+export LVR_CACHE ?= $(CURDIR)/.cache/lvr
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export DS_BUILD_OPS ?= 0
+export OMP_NUM_THREADS ?= 1
+PYTEST_ARGS ?=
+
+.PHONY: install test test-unit test-integration demo lock clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: install
+	$(LVR) lock --check
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
+
+test-unit: install
+	$(PY) -m pytest -q tests/unit
+
+test-integration: install
+	$(PY) -m pytest -q tests/integration
+
+lock: install
+	$(LVR) lock
+
+demo: install
+	$(LVR) synth recipes/demo/synth.toml output.overwrite=true
+	@echo "demo: synthetic data in runs/demo/data (see README: What the demo shows)"
+
+clean:
+	rm -rf runs .cache $(VENV)

@@ -1,0 +1,123 @@
+"""The `lvr` command: one short function per command; the work lives in `stages/`.
+
+Heavy imports (torch, transformers) happen inside the commands so `lvr --help` is instant.
+Exit codes: 0 done, 1 failed, 2 bad usage or recipe.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="lvr: long-video reasoning: data pipeline, CoT-SFT, GRPO with MR-SP, eval, benchmarks.")
+
+RecipeArg = Annotated[Path, typer.Argument(help="TOML recipe", show_default=False)]
+OverridesArg = Annotated[Optional[list[str]], typer.Argument(help="dotted.key=value overrides (TOML literals)")]
+AllowFailures = Annotated[bool, typer.Option("--allow-failures", help="exit 0 even when some inputs failed")]
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one line to stderr and exit (2: bad usage or recipe)."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def load(path: Path, overrides: list[str] | None, stage: str | None = None, check_inputs: bool = True):
+    from lvr_cli.recipes import RecipeError, check_paths, load_recipe
+
+    try:
+        recipe = load_recipe(path, overrides or [], stage=stage)
+        if check_inputs:
+            check_paths(recipe)
+    except RecipeError as e:
+        fail(f"{path}: {e}" if not str(e).startswith(str(path)) else str(e))
+    return recipe
+
+
+def run_stage(stage: str, module: str, path: Path, overrides: list[str] | None,
+              allow_failures: bool = False) -> dict:
+    """Validate, open the run directory, run `stages.<module>.run(recipe, rundir)`, summarise."""
+    from lvr_cli.recipes import RecipeError, default_output_dir
+    from lvr_cli.rundir import RunDir, print_summary
+
+    recipe = load(path, overrides, stage)
+    try:
+        run = RunDir(default_output_dir(recipe, path), recipe).open()
+    except RecipeError as e:
+        fail(str(e))
+    summary = importlib.import_module(f"stages.{module}").run(recipe, run)
+    summary = run.finish(summary)
+    print_summary(f"lvr {stage}: {run.path}", summary)
+    if summary.get("failed", 0) and not allow_failures:
+        typer.echo(f"{summary['failed']} input(s) failed: see {run.path / 'errors.jsonl'} "
+                   "(--allow-failures to exit 0)", err=True)
+        raise typer.Exit(1)
+    return summary
+
+
+@app.command()
+def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+    """Check a recipe without running it; print the resolved recipe and its hash."""
+    from lvr_cli.recipes import recipe_hash, resolved
+
+    r = load(recipe, overrides)
+    typer.echo(json.dumps(resolved(r), indent=2))
+    typer.echo(f"# {recipe}: valid {r.stage} recipe, sha256 {recipe_hash(r)}", err=True)
+
+
+@app.command()
+def lock(check: Annotated[bool, typer.Option("--check", help="fail if recipes.lock is out of date")] = False,
+         root: Annotated[Path, typer.Option(help="project root")] = Path(".")) -> None:
+    """Write recipes.lock (the hash of every recipe's resolved form), or check it."""
+    from lvr_cli import lock as lockmod
+    from lvr_cli.recipes import RecipeError
+
+    if check:
+        problems = lockmod.check(root)
+        for p in problems:
+            typer.echo(f"recipes.lock: {p}", err=True)
+        if problems:
+            raise typer.Exit(1)
+        typer.echo("recipes.lock is up to date")
+        return
+    try:
+        data = lockmod.write(root)
+    except RecipeError as e:
+        fail(str(e))
+    typer.echo(f"locked {len(data['recipes'])} recipes in {root / lockmod.LOCK_FILE}")
+
+
+@app.command()
+def synth(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+    """Generate synthetic long videos with exact ground truth in all four categories."""
+    run_stage("synth", "synth", recipe, overrides)
+
+
+@app.command()
+def version() -> None:
+    """Print the lvr version."""
+    import importlib.metadata as md
+
+    typer.echo(f"lvr {md.version('lvr')}")
+
+
+@app.command()
+def env() -> None:
+    """Print versions, git commit and devices as JSON."""
+    from lvr_cli.rundir import environment
+
+    typer.echo(json.dumps(environment(), indent=2))
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m lvr_cli.main`
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
