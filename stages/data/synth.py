@@ -1,0 +1,439 @@
+"""Synthetic long videos with scripted events: the embedded default dataset of every stage.
+
+Each video is a script of scenes, `event_seconds` each. Every scene fills the screen with
+one background colour (red, green, blue, yellow; consecutive scenes differ) and shows the
+agent, a black shape, holding a start place in one quadrant, moving, then holding its end
+place. Exactly one scene is a white flash and exactly one is a press scene, where a large
+button of colour c sits in the centre and the agent moves onto it; the next scene is then
+coloured c. In every other scene the agent ends at the same corner, its goal. Distractors
+are other black shapes wandering between random waypoints.
+
+Questions, with ground truth read from the script (one of each per video by default):
+- temporal: the colour of the scene right before / after the white flash (more questions:
+  the colour of the scene after the one shown at mm:ss);
+- goal: which corner the agent keeps going to (at most one per video);
+- spatial: the quadrant of the agent at mm:ss, a time when it holds still;
+- plot: what happens after the agent touches the button (the screen turns its colour; at
+  most one per video).
+With large shapes, long scenes and a fixed option order (the demo), every answer is
+carried by full-frame or quarter-frame evidence lasting several frames; with 14-pixel
+shapes, short scenes, distractors and shuffled options it is a needle-in-a-haystack test.
+
+Departures from LongVideo-Reason: questions and reasoning are templated from the script,
+not written by a reasoning LLM from captions; captions are exact, not model output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from stages.data import synth_render as render
+from stages.data.synth_render import HOLD_END_FRACTION, MOVE_END_FRACTION, PALETTE, QUADRANTS, SHAPES
+
+COLOURS = tuple(PALETTE)
+LETTERS = "ABCD"
+CATEGORIES = ("temporal", "goal", "spatial", "plot")
+render_video_frames = render.render_video_frames
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+    index: int
+    start_s: float
+    end_s: float  # clipped to the video: the last scene may be partial
+    kind: str  # "goal" | "flash" | "press"
+    background: str  # a palette colour, or "white" for the flash
+    start_quadrant: str
+    start_xy: tuple[float, float]
+    end_xy: tuple[float, float]
+    button: str | None  # button colour, press scene only
+    complete: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Distractor:
+    shape: str
+    waypoints: tuple[tuple[float, float, float], ...]  # (t_s, x, y)
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoScript:
+    video_id: str
+    n_frames: int
+    fps: float
+    duration_s: float
+    width: int
+    height: int
+    object_size_px: int
+    event_seconds: float
+    agent_shape: str
+    goal: str  # quadrant of the corner the agent keeps going to
+    flash_scene: int
+    press_scene: int
+    scenes: tuple[Scene, ...]
+    distractors: tuple[Distractor, ...]
+
+    @property
+    def agent(self) -> str:
+        return f"the black {self.agent_shape}"
+
+
+def fmt_time(seconds: float) -> str:
+    """mm:ss, with hundredths only when the time is not a whole second."""
+    seconds = round(seconds, 2)
+    minutes, rest = divmod(seconds, 60)
+    if abs(rest - round(rest)) < 1e-6:
+        return f"{int(minutes):02d}:{int(round(rest)):02d}"
+    return f"{int(minutes):02d}:{rest:05.2f}"
+
+
+def _rng(seed: int, *key: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
+
+
+def _check(cfg, seed: int) -> None:
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if cfg.option_order not in ("fixed", "shuffled"):
+        raise ValueError(f"option_order must be 'fixed' or 'shuffled', got {cfg.option_order!r}")
+    if cfg.width % 2 or cfg.height % 2:
+        raise ValueError(f"width and height must be even for yuv420p, got {cfg.width}x{cfg.height}")
+    if not 1 <= cfg.object_size_px <= min(cfg.width, cfg.height):
+        raise ValueError(f"object_size_px must be in [1, {min(cfg.width, cfg.height)}], got {cfg.object_size_px}")
+    complete = math.floor(round(cfg.fps * cfg.seconds) / cfg.fps / cfg.event_seconds + 1e-9)
+    if complete < 3:
+        raise ValueError(
+            f"seconds / event_seconds must allow 3 complete scenes (flash, press, consequence), "
+            f"got {cfg.seconds} / {cfg.event_seconds}"
+        )
+    if cfg.event_seconds * cfg.fps < 4:
+        raise ValueError(f"event_seconds * fps must be >= 4 frames per scene, got {cfg.event_seconds * cfg.fps}")
+
+
+def build_script(cfg, seed: int, index: int) -> VideoScript:
+    """The script of video `index`: depends only on (cfg, seed, index)."""
+    rng = _rng(seed, 1, index)
+    n_frames = round(cfg.seconds * cfg.fps)
+    duration = n_frames / cfg.fps
+    event = cfg.event_seconds
+    n_scenes = math.ceil(duration / event - 1e-9)
+    n_complete = math.floor(duration / event + 1e-9)
+    size, width, height = cfg.object_size_px, cfg.width, cfg.height
+
+    # Flash and press at uniformly random complete scenes; the press scene needs a complete
+    # coloured scene after it to show its consequence.
+    pairs = [(f, p) for f in range(n_complete) for p in range(n_complete - 1) if p != f and p + 1 != f]
+    flash, press = pairs[rng.integers(len(pairs))]
+    goal = QUADRANTS[rng.integers(4)]
+    agent_shape = SHAPES[rng.integers(len(SHAPES))]
+
+    scenes, previous = [], None
+    for i in range(n_scenes):
+        if i == flash:
+            background = "white"
+        else:
+            choices = [c for c in COLOURS if c != previous]
+            background = choices[rng.integers(len(choices))]
+        previous = background
+        kind = "flash" if i == flash else "press" if i == press else "goal"
+        starts = [q for q in QUADRANTS if q != goal] if kind != "press" else list(QUADRANTS)
+        start_quadrant = starts[rng.integers(len(starts))]
+        (x_lo, x_hi), (y_lo, y_hi) = render.quadrant_span(start_quadrant, size, width, height)
+        start_xy = (float(rng.uniform(x_lo, x_hi)), float(rng.uniform(y_lo, y_hi)))
+        end_xy = (width / 2, height / 2) if kind == "press" else render.corner_point(goal, size, width, height)
+        scenes.append(
+            Scene(i, i * event, min((i + 1) * event, duration), kind, background,
+                  start_quadrant, start_xy, end_xy, None, i < n_complete)
+        )
+    # The button takes the colour of the scene it causes (which already differs from the
+    # press scene's own background).
+    scenes[press] = dataclasses.replace(scenes[press], button=scenes[press + 1].background)
+
+    other_shapes = [s for s in SHAPES if s != agent_shape]
+    step = event / 2
+    n_way = math.ceil(duration / step) + 1
+    distractors = []
+    for d in range(cfg.distractors):
+        xs, ys = rng.uniform(0, width, n_way), rng.uniform(0, height, n_way)
+        way = tuple((round(k * step, 6), float(x), float(y)) for k, (x, y) in enumerate(zip(xs, ys)))
+        distractors.append(Distractor(other_shapes[d % len(other_shapes)], way))
+
+    return VideoScript(
+        video_id=f"synth-s{seed}-{index:04d}", n_frames=n_frames, fps=float(cfg.fps), duration_s=duration,
+        width=width, height=height, object_size_px=size, event_seconds=event, agent_shape=agent_shape,
+        goal=goal, flash_scene=flash, press_scene=press, scenes=tuple(scenes), distractors=tuple(distractors),
+    )
+
+
+# ---------------------------------------------------------------- phases and captions
+
+
+def scene_phases(script: VideoScript, scene: Scene) -> list[tuple[float, float, str, str]]:
+    """(start_s, end_s, phase, text) of the agent's hold/move/hold phases, clipped to the video."""
+    a, e = script.agent, script.event_seconds
+    hold_end, move_end = scene.start_s + HOLD_END_FRACTION * e, scene.start_s + MOVE_END_FRACTION * e
+    start = f"the {scene.start_quadrant} part"
+    if scene.kind == "press":
+        target = f"the {scene.button} button in the centre"
+        moving, holding = f"{a} moves from {start} onto {target}", f"{a} touches {target}"
+    else:
+        target = f"the {script.goal} corner"
+        moving, holding = f"{a} moves from {start} to {target}", f"{a} stays at {target}"
+    phases = [
+        (scene.start_s, hold_end, "start", f"{a} stays in {start}"),
+        (hold_end, move_end, "move", moving),
+        (move_end, scene.start_s + e, "end", holding),
+    ]
+    return [(s, min(t, scene.end_s), p, txt) for s, t, p, txt in phases if s < scene.end_s - 1e-9]
+
+
+def _screen(scene: Scene) -> str:
+    if scene.kind == "flash":
+        return "the screen flashes white"
+    text = f"the screen is {scene.background}"
+    return text + (f" and a {scene.button} button is in the centre" if scene.button else "")
+
+
+def clip_captions(script: VideoScript, clip_seconds: float) -> list[dict]:
+    """Exact reference captions, one per `clip_seconds` clip, the last partial clip included."""
+    n_clips = math.ceil(script.duration_s / clip_seconds - 1e-9)
+    shapes = ", ".join(f"a {d.shape}" for d in script.distractors)
+    others = f" Other black shapes ({shapes}) wander around." if script.distractors else ""
+    clips = []
+    for k in range(n_clips):
+        c0, c1 = k * clip_seconds, min((k + 1) * clip_seconds, script.duration_s)
+        parts = []
+        for scene in script.scenes:
+            s0, s1 = max(c0, scene.start_s), min(c1, scene.end_s)
+            if s1 - s0 <= 1e-9:
+                continue
+            steps = [
+                f"{fmt_time(max(p0, s0))}-{fmt_time(min(p1, s1))} {text}"
+                for p0, p1, _, text in scene_phases(script, scene)
+                if min(p1, s1) - max(p0, s0) > 1e-9
+            ]
+            parts.append(f"{fmt_time(s0)}-{fmt_time(s1)}: {_screen(scene)}; " + "; ".join(steps) + ".")
+        caption = " ".join(parts) + others
+        clips.append({"index": k, "start_s": round(c0, 6), "end_s": round(c1, 6), "caption": caption})
+    return clips
+
+
+# ---------------------------------------------------------------- questions
+
+
+def _span(scene: Scene) -> str:
+    return f"from {fmt_time(scene.start_s)} to {fmt_time(scene.end_s)}"
+
+
+def _temporal(script: VideoScript, rng: np.random.Generator, count: int) -> list[tuple]:
+    flash = script.scenes[script.flash_scene]
+    complete = [s for s in script.scenes if s.complete]
+    candidates = []
+    if flash.index >= 1:
+        before = script.scenes[flash.index - 1]
+        candidates.append((
+            "The screen flashes white once in the video. Which colour fills the screen right before the white flash?",
+            before.background,
+            f"The screen flashes white {_span(flash)}. Right before it, {_span(before)}, the screen is "
+            f"{before.background}. So the colour right before the white flash is {before.background}.",
+            [before, flash],
+        ))
+    if flash.index + 1 < len(complete):
+        after = script.scenes[flash.index + 1]
+        candidates.append((
+            "The screen flashes white once in the video. Which colour fills the screen right after the white flash?",
+            after.background,
+            f"The screen flashes white {_span(flash)}. Right after it, {_span(after)}, the screen is "
+            f"{after.background}. So the colour right after the white flash is {after.background}.",
+            [flash, after],
+        ))
+    order = list(rng.permutation(len(candidates)))
+    chosen = [candidates[i] for i in order]
+    # More temporal questions: the scene after the one showing at a time point.
+    anchors = [s for s in complete[:-1] if "white" not in (s.background, script.scenes[s.index + 1].background)]
+    for i in rng.permutation(len(anchors)):
+        if len(chosen) >= count:
+            break
+        scene, nxt = anchors[i], script.scenes[anchors[i].index + 1]
+        at = fmt_time(scene.start_s + script.event_seconds / 2)
+        chosen.append((
+            f"Which colour fills the screen in the scene right after the one shown at {at}?",
+            nxt.background,
+            f"At {at} the screen is {scene.background}, a scene that lasts {_span(scene)}. The next scene, "
+            f"{_span(nxt)}, is {nxt.background}. So the colour of the scene right after it is {nxt.background}.",
+            [scene, nxt],
+        ))
+    return chosen[:count]
+
+
+def _goal(script: VideoScript) -> list[tuple]:
+    runs = [s for s in script.scenes if s.complete and s.kind != "press"]
+    arrive = MOVE_END_FRACTION * script.event_seconds
+    a, corner = script.agent, f"the {script.goal} corner"
+    # Cite three runs spread over the whole video, not only its start.
+    cited = "; ".join(
+        f"from {fmt_time(s.start_s)} it starts in the {s.start_quadrant} part and reaches {corner} at "
+        f"{fmt_time(s.start_s + arrive)}"
+        for s in dict.fromkeys(runs[round(i)] for i in np.linspace(0, len(runs) - 1, 3))
+    )
+    return [(
+        f"In almost every scene {a} sets off and moves across the screen. What is it trying to reach?",
+        corner,
+        f"{a.capitalize()} starts from different places: {cited}. In all {len(runs)} scenes without the button "
+        f"it ends at {corner} and stays there. So it keeps trying to reach {corner}.",
+        [(s.start_s + arrive, s.end_s) for s in runs],
+    )]
+
+
+def _spatial(script: VideoScript, rng: np.random.Generator, count: int) -> list[tuple]:
+    candidates = []
+    for scene in script.scenes:
+        if not scene.complete:
+            continue
+        for p0, p1, phase, _ in scene_phases(script, scene):
+            if phase == "move" or (phase == "end" and scene.kind == "press"):
+                continue
+            # Frames in [p0, p1): at p1 the agent starts moving or the next scene begins.
+            first, stop = math.ceil(p0 * script.fps - 1e-9), math.ceil(p1 * script.fps - 1e-9)
+            frames = [k / script.fps for k in range(first, stop)]
+            if not frames:
+                continue
+            whole = [t for t in frames if abs(t - round(t)) < 1e-9] or frames
+            t = min(whole, key=lambda x: (abs(x - (p0 + p1) / 2), x))
+            quadrant = scene.start_quadrant if phase == "start" else script.goal
+            candidates.append((scene, p0, p1, t, quadrant))
+    chosen = []
+    for i in rng.permutation(len(candidates))[:count]:
+        scene, p0, p1, t, quadrant = candidates[i]
+        a, at = script.agent, fmt_time(t)
+        chosen.append((
+            f"At {at}, in which part of the screen is {a}?",
+            quadrant,
+            f"At {at} the screen is {scene.background}, and from {fmt_time(p0)} to {fmt_time(p1)} {a} holds "
+            f"still in the {quadrant} part of the screen. So at {at} it is in the {quadrant} part.",
+            [(p0, p1)],
+        ))
+    return chosen
+
+
+def _plot(script: VideoScript) -> list[tuple]:
+    press, after = script.scenes[script.press_scene], script.scenes[script.press_scene + 1]
+    touch = press.start_s + MOVE_END_FRACTION * script.event_seconds
+    a, c = script.agent, press.button
+    return [(
+        f"At some point {a} touches a button. What happens right after it touches the button?",
+        f"The screen turns {c}.",
+        f"From {fmt_time(press.start_s)} a {c} button is in the centre of the {press.background} screen; "
+        f"{a} moves onto it and touches it at {fmt_time(touch)}. Right after, {_span(after)}, the whole screen "
+        f"is {c}. So touching the {c} button turned the screen {c}.",
+        [press, after],
+    )]
+
+
+OPTION_LISTS = {
+    "temporal": list(COLOURS),
+    "goal": [f"the {q} corner" for q in QUADRANTS],
+    "spatial": list(QUADRANTS),
+    "plot": [f"The screen turns {c}." for c in COLOURS],
+}
+
+
+def make_questions(script: VideoScript, cfg, clips: list[dict], rng: np.random.Generator) -> list[dict]:
+    """LongVideo-Reason records for one video, ground truth read from its script."""
+    q = cfg.questions_per_category
+    drafts = {
+        "temporal": _temporal(script, rng, q),
+        "goal": _goal(script)[:q],
+        "spatial": _spatial(script, rng, q),
+        "plot": _plot(script)[:q],
+    }
+    records = []
+    for category in CATEGORIES:
+        for k, (question, answer_text, reasoning, evidence) in enumerate(drafts[category]):
+            contents = OPTION_LISTS[category]
+            order = range(4) if cfg.option_order == "fixed" else rng.permutation(4)
+            options = {letter: contents[i] for letter, i in zip(LETTERS, order)}
+            answer = next(letter for letter, text in options.items() if text == answer_text)
+            spans = [(e.start_s, e.end_s) if isinstance(e, Scene) else e for e in evidence]
+            source = sorted({c["index"] for c in clips for s0, s1 in spans
+                             if min(s1, c["end_s"]) - max(s0, c["start_s"]) > 1e-9})
+            records.append({
+                "problem_id": f"{script.video_id}-{category}-{k}",
+                "problem": question + "\n" + "\n".join(f"{L}. {t}" for L, t in options.items()),
+                "problem_type": category,
+                "videos": [f"videos/{script.video_id}.mp4"],
+                "reasoning": f"{reasoning} The answer is {answer}.",
+                "answer": answer,
+                "options": options,
+                "category": category,
+                "question": question,
+                "video_id": script.video_id,
+                "evidence": [{"start_s": round(s0, 6), "end_s": round(s1, 6)} for s0, s1 in spans],
+                "source_clips": source,
+            })
+    return records
+
+
+# ---------------------------------------------------------------- the dataset
+
+
+def eval_videos(n_videos: int, eval_fraction: float, seed: int) -> set[int]:
+    """Indices of the videos in the eval split; at least one per side when 0 < fraction < 1."""
+    n_eval = round(n_videos * eval_fraction)
+    if n_videos >= 2 and 0 < eval_fraction < 1:
+        n_eval = min(max(n_eval, 1), n_videos - 1)
+    return {int(i) for i in _rng(seed, 0).choice(n_videos, size=n_eval, replace=False)}
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def generate(cfg, out_dir: Path, seed: int, write_videos: bool = True) -> dict:
+    """Write a synthetic dataset under `out_dir`; returns counts per split and category and seconds taken.
+
+    Files: videos/<id>.mp4, captions_ref.jsonl, train.jsonl, eval.jsonl, synth_summary.json.
+    `write_videos=False` skips rendering and encoding (question statistics only).
+    """
+    started = time.perf_counter()
+    _check(cfg, seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if write_videos:
+        (out_dir / "videos").mkdir(exist_ok=True)
+    in_eval = eval_videos(cfg.videos, cfg.eval_fraction, seed)
+    splits: dict[str, list[dict]] = {"train": [], "eval": []}
+    captions = []
+    for index in range(cfg.videos):
+        script = build_script(cfg, seed, index)
+        clips = clip_captions(script, cfg.clip_seconds)
+        captions.append({"video": f"{script.video_id}.mp4", "video_id": script.video_id,
+                         "duration_s": script.duration_s, "fps": script.fps, "clips": clips})
+        records = make_questions(script, cfg, clips, _rng(seed, 2, index))
+        splits["eval" if index in in_eval else "train"].extend(records)
+        if write_videos:
+            render.write_mp4(out_dir / "videos" / f"{script.video_id}.mp4", render_video_frames(script), cfg.fps)
+    _write_jsonl(out_dir / "captions_ref.jsonl", captions)
+    for name, records in splits.items():
+        _write_jsonl(out_dir / f"{name}.jsonl", records)
+
+    summary = {
+        "seed": seed,
+        "videos": {"train": cfg.videos - len(in_eval), "eval": len(in_eval)},
+        "questions": {name: dict(Counter(r["category"] for r in recs)) for name, recs in splits.items()},
+        "answers": dict(sorted(Counter(r["answer"] for recs in splits.values() for r in recs).items())),
+        "frames_per_video": round(cfg.seconds * cfg.fps),
+        "videos_written": write_videos,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    (out_dir / "synth_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
