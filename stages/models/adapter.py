@@ -222,7 +222,8 @@ class VLAdapter:
         self.backbone.rope_deltas = None  # never reuse positions cached by an earlier call
         out = self.backbone(input_ids=input_ids, position_ids=position_ids, mm_encoder_outputs=mm_outputs,
                             cache=cache, use_cache=use_cache, attention_mask=attention_mask)
-        return out.last_hidden_state, (out.past_key_values if use_cache else None)
+        new_cache = getattr(out, "cache", None) if use_cache else None
+        return out.last_hidden_state, new_cache
 
 
 def load_adapter(path: str, dtype: torch.dtype = torch.float32, device="cpu",

@@ -1,0 +1,181 @@
+"""Process groups: the data-parallel x sequence-parallel grid, and the collectives MR-SP needs.
+
+`world = dp_size x sp_size`; the ranks of one sequence-parallel (SP) group are consecutive
+(`[0..sp), [sp..2sp), ...`) and work on the same samples. gloo on CPU, NCCL on CUDA. Every
+collective runs under the process group's timeout, so a rank that dies makes the others
+fail with an error within that time rather than hang.
+
+The autograd-aware collectives here (`all_gather_rows`, `all_to_all_4d`, `sum_disjoint`)
+are the only places where MR-SP moves tensors between ranks.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Grid:
+    """This process's place in the data-parallel x sequence-parallel grid."""
+
+    world_size: int = 1
+    rank: int = 0
+    sp_size: int = 1
+    sp_group: object | None = None  # ProcessGroup of this rank's SP group (None when sp_size == 1)
+    dp_group: object | None = None  # ProcessGroup of the ranks with the same sp_rank
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.sp_size
+
+    @property
+    def sp_rank(self) -> int:
+        return self.rank % self.sp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.sp_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_grid(sp_size: int = 1, backend: str = "auto", timeout_s: float = 300.0) -> Grid:
+    """Join the process group described by torchrun's environment (single process without it)
+    and build the SP and DP groups."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % sp_size:
+        raise ValueError(f"mrsp.sp_size: {sp_size} does not divide the world size {world}")
+    use_cuda = torch.cuda.is_available() and backend != "gloo"
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world == 1:
+        return Grid(device=device)
+    if not dist.is_initialized():
+        chosen = ("nccl" if use_cuda else "gloo") if backend == "auto" else backend
+        dist.init_process_group(chosen, timeout=timedelta(seconds=timeout_s),
+                                device_id=device if chosen == "nccl" else None)
+    rank = dist.get_rank()
+    sp_group = dp_group = None
+    # Every rank must create every group, in the same order.
+    for start in range(0, world, sp_size):
+        g = dist.new_group(list(range(start, start + sp_size)), timeout=timedelta(seconds=timeout_s))
+        if start <= rank < start + sp_size:
+            sp_group = g
+    for offset in range(sp_size):
+        g = dist.new_group(list(range(offset, world, sp_size)), timeout=timedelta(seconds=timeout_s))
+        if rank % sp_size == offset:
+            dp_group = g
+    return Grid(world_size=world, rank=rank, sp_size=sp_size, sp_group=sp_group if sp_size > 1 else None,
+                dp_group=dp_group, device=device)
+
+
+def destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def even_splits(n: int, parts: int) -> list[int]:
+    """Sizes of `parts` near-equal consecutive chunks of `n` (the first ones one larger)."""
+    base, extra = divmod(n, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+# -- autograd-aware collectives ---------------------------------------------------------------
+class _AllGatherRows(torch.autograd.Function):
+    """Concatenate each rank's `[n_r, ...]` rows in rank order (sizes may differ).
+    Backward: every rank's gradient for the whole result is summed, and each rank keeps its rows."""
+
+    @staticmethod
+    def forward(ctx, x, group, sizes):
+        ctx.group, ctx.sizes = group, sizes
+        ctx.rank = dist.get_rank(group)
+        width = max(sizes)
+        padded = x.new_zeros((width,) + tuple(x.shape[1:]))
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start:start + ctx.sizes[ctx.rank]], None, None
+
+
+def all_gather_rows(x: torch.Tensor, group, sizes: list[int]) -> torch.Tensor:
+    """Return the rows of every rank of `group` concatenated in rank order; `sizes[r]` is rank
+    r's row count. Autograd-correct."""
+    if group is None or len(sizes) == 1:
+        return x
+    return _AllGatherRows.apply(x, group, list(sizes))
+
+
+class _AllToAll(torch.autograd.Function):
+    """Split dim `scatter_dim` into world parts, send part r to rank r, concatenate what arrives
+    along `gather_dim`. Its backward is the same exchange with the dims swapped."""
+
+    @staticmethod
+    def forward(ctx, x, group, scatter_dim, gather_dim):
+        ctx.group, ctx.scatter_dim, ctx.gather_dim = group, scatter_dim, gather_dim
+        world = dist.get_world_size(group)
+        inputs = [t.contiguous() for t in torch.tensor_split(x, world, dim=scatter_dim)]
+        outputs = [torch.empty_like(inputs[0]) for _ in range(world)]
+        dist.all_to_all(outputs, inputs, group=group)
+        return torch.cat(outputs, dim=gather_dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllToAll.apply(grad, ctx.group, ctx.gather_dim, ctx.scatter_dim), None, None, None
+
+
+def all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+    """Autograd-correct all-to-all (the Ulysses resharding); `x.shape[scatter_dim]` must divide
+    evenly by the group size."""
+    return _AllToAll.apply(x, group, scatter_dim, gather_dim)
+
+
+class _SumDisjoint(torch.autograd.Function):
+    """Sum tensors that are non-zero on disjoint positions per rank. Every rank then computes
+    the same loss from the sum, so each rank's gradient is the incoming gradient itself."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        out = x.contiguous().clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def sum_disjoint(x: torch.Tensor, group) -> torch.Tensor:
+    """Combine per-rank shards of a tensor (zeros outside each rank's positions)."""
+    if group is None:
+        return x
+    return _SumDisjoint.apply(x, group)
+
+
+def all_reduce_grads(parameters, group) -> None:
+    """Sum the gradients of `parameters` over `group` (the SP group: each rank holds the
+    gradient of its own token shard)."""
+    if group is None:
+        return
+    for p in parameters:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=group)

@@ -1,0 +1,123 @@
+"""Sequence-parallel forward and token log-probs without full-vocabulary logits.
+
+A batch of right-padded sequences is padded to a multiple of the SP size and split by
+token position; each rank runs the language model on its slice (Ulysses attention joins
+the slices inside every layer), with the positions of the whole sequence and the video
+embedding rows that fall in its slice. Log-probs (and entropies) are computed only where
+a token is scored, in chunks of `chunk_tokens` rows of the LM head (checkpointed under
+autograd, so neither the forward nor the backward holds `[sequence, vocab]` logits), and
+the per-rank pieces are summed into one `[B, L]` tensor on every rank.
+
+Gradients: every rank computes the same loss from the combined tensor; each rank's
+backward carries the gradient of its own token slice (and, through the all-to-alls, of
+the keys and values it owns). Summing parameter gradients over the SP group
+(`dist.all_reduce_grads`) gives the gradient of the unsharded forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from stages.models.adapter import VideoEmbedding, VLAdapter
+from stages.mrsp.dist import Grid, sum_disjoint
+from stages.mrsp.positions import pad_sequence_dim, padded_length, shard_range
+from stages.mrsp.ulysses import sp_attention
+
+
+@dataclass
+class TokenBatch:
+    """Right-padded sequences: `input_ids [B, L]`, `position_ids [3, B, L]`, per-row video
+    embeddings in order of appearance, and `score_mask [B, L]` (True where token t is scored
+    by the log-prob of position t-1)."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    videos: list[list[VideoEmbedding]]
+    score_mask: torch.Tensor
+
+    @classmethod
+    def from_rows(cls, rows: list[tuple[torch.Tensor, torch.Tensor, list[VideoEmbedding], torch.Tensor]],
+                  pad_id: int) -> "TokenBatch":
+        """rows: `(input_ids [L_i], position_ids [3, L_i], videos, score_mask [L_i])`."""
+        L = max(r[0].shape[0] for r in rows)
+        ids = torch.stack([pad_sequence_dim(r[0], L, pad_id) for r in rows])
+        pos = torch.stack([pad_sequence_dim(r[1], L, None) for r in rows], dim=1)
+        mask = torch.stack([pad_sequence_dim(r[3].bool(), L, False) for r in rows])
+        return cls(ids, pos, [list(r[2]) for r in rows], mask)
+
+
+def _rows_for_slice(adapter: VLAdapter, ids: torch.Tensor, videos: list[list[VideoEmbedding]],
+                    start: int, stop: int) -> list[VideoEmbedding]:
+    """The video embedding rows whose tokens lie in `[start, stop)`, row after row."""
+    pieces = []
+    is_video = ids == adapter.video_token_id
+    for b, row_videos in enumerate(videos):
+        if not row_videos:
+            continue
+        before = int(is_video[b, :start].sum())
+        inside = int(is_video[b, start:stop].sum())
+        if inside == 0:
+            continue
+        whole = row_videos[0] if len(row_videos) == 1 else VideoEmbedding(
+            torch.cat([v.embeds for v in row_videos]), row_videos[0].grid_thw,
+            [torch.cat([v.deepstack[k] for v in row_videos]) for k in range(len(row_videos[0].deepstack))])
+        pieces.append(whole.rows(before, before + inside))
+    return pieces
+
+
+def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias,
+                    want_entropy: bool) -> torch.Tensor:
+    logits = F.linear(hidden, weight, bias).float()
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)
+    if not want_entropy:
+        return logp[:, None]
+    ent = -(logp_all.exp() * logp_all).sum(-1)
+    return torch.stack([logp, ent], dim=-1)
+
+
+def token_logprobs(adapter: VLAdapter, batch: TokenBatch, grid: Grid | None = None, chunk_tokens: int = 1024,
+                   entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Return `(logp [B, L], entropy [B, L] or None)`: at scored positions t, the log-prob of
+    `input_ids[:, t]` given the tokens before it (zeros elsewhere)."""
+    grid = grid or Grid()
+    sp, group = grid.sp_size, grid.sp_group
+    ids, pos, mask = batch.input_ids, batch.position_ids, batch.score_mask
+    B, L0 = ids.shape
+    L = padded_length(L0, sp)
+    pad_id = adapter.tokenizer.pad_token_id or 0
+    ids = pad_sequence_dim(ids, L, pad_id)
+    pos = pad_sequence_dim(pos, L, None)
+    mask = pad_sequence_dim(mask, L, False)
+    start, stop = shard_range(L, sp, grid.sp_rank)
+    pieces = _rows_for_slice(adapter, ids, batch.videos, start, stop)
+    with sp_attention(adapter.model, group):
+        hidden, _ = adapter.hidden_states(ids[:, start:stop], pos[:, :, start:stop], pieces or None)
+
+    # local hidden j (global start + j) predicts token start + j + 1
+    nxt = torch.zeros_like(mask)
+    nxt[:, :-1] = mask[:, 1:]
+    local = nxt[:, start:stop]
+    b_idx, j_idx = local.nonzero(as_tuple=True)
+    targets = ids[b_idx, start + j_idx + 1]
+    h = hidden[b_idx, j_idx]
+    head = adapter.lm_head
+    outs = []
+    # At least one (possibly empty) chunk: a rank with no scored token must still be part of
+    # the graph, or its backward would skip the all-to-alls the other ranks wait on.
+    for c in range(0, max(h.shape[0], 1), chunk_tokens):
+        args = (h[c:c + chunk_tokens], targets[c:c + chunk_tokens], head.weight, head.bias, entropy)
+        if torch.is_grad_enabled() and h.requires_grad:
+            outs.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
+        else:
+            outs.append(_chunk_logprobs(*args))
+    width = 2 if entropy else 1
+    vals = torch.cat(outs)
+    flat = b_idx * L + start + j_idx + 1
+    dense = vals.new_zeros(B * L, width).index_put((flat,), vals).view(B, L, width)
+    dense = sum_disjoint(dense, group)[:, :L0]
+    return dense[..., 0], (dense[..., 1] if entropy else None)
