@@ -47,6 +47,8 @@ def run_stage(stage: str, module: str, path: Path, overrides: list[str] | None,
     from lvr_cli.rundir import RunDir, print_summary
 
     recipe = load(path, overrides, stage)
+    if relaunch_needed(recipe):
+        raise typer.Exit(relaunch(recipe))
     try:
         run = RunDir(default_output_dir(recipe, path), recipe).open()
     except RecipeError as e:
@@ -59,6 +61,75 @@ def run_stage(stage: str, module: str, path: Path, overrides: list[str] | None,
                    "(--allow-failures to exit 0)", err=True)
         raise typer.Exit(1)
     return summary
+
+
+def relaunch_needed(recipe) -> bool:
+    """True when the recipe asks for several processes and we are not already one of them."""
+    launch = getattr(recipe, "launch", None)
+    import os
+
+    return bool(launch) and launch.nproc_per_node * launch.nnodes > 1 and "LOCAL_RANK" not in os.environ
+
+
+def relaunch(recipe) -> int:
+    """Run this same command under `torch.distributed.run` with the recipe's process count."""
+    import os
+    import socket
+    import subprocess
+
+    launch = recipe.launch
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={launch.nproc_per_node}",
+           f"--nnodes={launch.nnodes}", f"--master_port={os.environ.get('MASTER_PORT', port)}",
+           "--module", "lvr_cli.main", *sys.argv[1:]]
+    if launch.nnodes > 1:
+        typer.echo("launch.nnodes > 1: run `torchrun` yourself on every node (see README)", err=True)
+        return 2
+    return subprocess.call(cmd)
+
+
+@app.command()
+def caption(recipe: RecipeArg, overrides: OverridesArg = None, allow_failures: AllowFailures = False) -> None:
+    """Cut videos into clips and caption each clip with a VLM backend -> captions.jsonl."""
+    run_stage("caption", "caption", recipe, overrides, allow_failures)
+
+
+@app.command("generate-qa")
+def generate_qa(recipe: RecipeArg, overrides: OverridesArg = None, allow_failures: AllowFailures = False) -> None:
+    """Write question/reasoning/answer items per category from a video's captions -> qa.jsonl."""
+    run_stage("generate-qa", "generate_qa", recipe, overrides, allow_failures)
+
+
+@app.command("filter")
+def filter_(recipe: RecipeArg, overrides: OverridesArg = None, allow_failures: AllowFailures = False) -> None:
+    """GRPO-aware filtering: N samples of the base model per item -> rl.jsonl and sft.jsonl."""
+    run_stage("filter", "filter", recipe, overrides, allow_failures)
+
+
+@app.command()
+def sft(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+    """CoT supervised fine-tuning on <think>/<answer> targets (sequence parallel, DeepSpeed)."""
+    run_stage("sft", "sft", recipe, overrides)
+
+
+@app.command()
+def rl(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+    """GRPO on long videos with the MR-SP runtime."""
+    run_stage("rl", "rl", recipe, overrides)
+
+
+@app.command("eval")
+def eval_(recipe: RecipeArg, overrides: OverridesArg = None, allow_failures: AllowFailures = False) -> None:
+    """Accuracy per reasoning category (LongVideo-Reason) or per duration (VideoMME)."""
+    run_stage("eval", "eval", recipe, overrides, allow_failures)
+
+
+@app.command("bench-mrsp")
+def bench_mrsp(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+    """Seconds per RL step and peak memory: vanilla vs peer vs MR-SP, per frame count."""
+    run_stage("bench-mrsp", "bench_mrsp", recipe, overrides)
 
 
 @app.command()

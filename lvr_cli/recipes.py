@@ -179,6 +179,7 @@ class SynthRecipe(Recipe):
 
 class CaptionSpec(Section):
     clip_seconds: PosFloat = 10.0
+    min_last_clip_s: Annotated[float, Field(ge=0)] = 1.0  # a shorter last clip joins the one before
     frames_per_clip: PosInt = 8
     prompt: str = "Describe what happens in this video clip in one or two sentences."
     prompt_file: str | None = None
@@ -201,7 +202,9 @@ class QASpec(Section):
     questions_per_category: PosInt = 1
     max_attempts: PosInt = 3
     refine: bool = True
-    grounding: bool = False
+    grounding: bool = False  # spatial: object boxes from grounding_backend go into the prompt
+    grounding_max_clips: PosInt = 8  # clips grounded per video, evenly spaced
+    grounding_max_pixels: PosInt = 448 * 448  # per grounded frame
     prompts_dir: str = "recipes/prompts"
     dedup_threshold: Fraction = 0.85
 
@@ -213,6 +216,12 @@ class GenerateQARecipe(Recipe):
     backend: BackendSection = BackendSection()
     grounding_backend: BackendSection | None = None
     hub: HubSection = HubSection()
+
+    @model_validator(mode="after")
+    def _grounding(self):
+        if self.qa.grounding and self.grounding_backend is None:
+            raise ValueError("grounding_backend: required when qa.grounding = true (a VLM that can see frames)")
+        return self
 
 
 class FilterSpec(Section):
@@ -308,6 +317,11 @@ class RLRecipe(_Trainer):
     def _group(self):
         if self.rollout.n < 2:
             raise ValueError("rollout.n: GRPO needs at least 2 rollouts per question")
+        per_rank = self.train.global_batch // (self.world_size() // self.mrsp.sp_size)
+        if per_rank % (self.algo.mini_batches * self.train.micro_batch_per_rank):
+            raise ValueError(f"algo.mini_batches: {per_rank} questions per rank per step do not split into "
+                             f"{self.algo.mini_batches} mini-batches of micro-batches of "
+                             f"{self.train.micro_batch_per_rank}")
         return self
 
 

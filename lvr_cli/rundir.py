@@ -77,6 +77,9 @@ class RunDir:
         """Create or resume the folder; raise `RecipeError` where it would clobber work."""
         summary, recipe_file = self.path / "summary.json", self.path / "recipe.json"
         new = resolved(self.recipe)
+        if not self.is_main:  # rank 0 decides; the stage's first barrier orders the others after it
+            self.resumed = recipe_file.exists() and not summary.exists() and not self.recipe.output.overwrite
+            return self
         if recipe_file.exists():
             old = json.loads(recipe_file.read_text())
             same = _without_overwrite(old) == _without_overwrite(new)

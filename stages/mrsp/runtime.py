@@ -1,0 +1,255 @@
+"""The MR-SP runtime: one object that sft, rl, filter, eval and bench-mrsp share.
+
+It turns a LongVideo-Reason record into model inputs (frames -> patches -> prompt ids and
+whole-sequence positions), and runs the three things a stage asks of a video model:
+
+- `embed(sample)`: the video embedding, encoded with the frames sharded over the SP group
+  and cached for the step (`EmbeddingCache`), or re-encoded on every call in vanilla mode;
+- `generate(samples, n, sampling)`: G rollouts per prompt through the rollout engine, one
+  prefill per group (MR-SP), or one encode and one prefill per rollout (vanilla);
+- `logprobs(samples, responses)`: response-token log-probs (and entropies) of teacher-forced
+  forwards, sequence-parallel over the SP group with the cached embedding (MR-SP), or one
+  unsharded forward with a freshly encoded video per sequence (vanilla).
+
+How the work is done is set by three switches, so `bench-mrsp` can compare the ways the
+paper and today's frameworks do it with the same code (`Mode`):
+
+| mode      | rollout encode / prefill | training forwards encode | SP forward |
+|-----------|--------------------------|--------------------------|------------|
+| vanilla   | per rollout              | per sequence             | no         |
+| peer      | per prompt               | per sequence             | yes        |
+| mrsp      | cached, once per step    | cached (reused)          | yes        |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from stages.data.records import format_problem, split_problem
+from stages.data.video import load_video
+from stages.models.adapter import VideoEmbedding, VLAdapter
+from stages.models.patchify import patchify
+from stages.mrsp.cache import EmbeddingCache
+from stages.mrsp.dist import Grid
+from stages.mrsp.logprobs import TokenBatch, token_logprobs
+from stages.mrsp.rollout import HFEngine, Rollout, RolloutPrompt, Sampling
+from stages.mrsp.vision import encode_sharded
+
+THINK_INSTRUCTION = ("Think about the question step by step inside <think> </think> tags, then give the "
+                     "letter of the correct option inside <answer> </answer> tags.")
+PLAIN_INSTRUCTION = "Answer with the letter of the correct option inside <answer> </answer> tags."
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How the runtime does its work (see the module docstring's table)."""
+
+    reuse_embeddings: bool = True  # one encode per video per step, shared by rollouts and forwards
+    group_rollouts: bool = True  # one encode + prefill per prompt, G rows decoded together
+    sequence_parallel: bool = True  # SP forward over the grid's SP group
+
+    @classmethod
+    def named(cls, name: str) -> "Mode":
+        return {"vanilla": cls(False, False, False), "peer": cls(False, True, True),
+                "mrsp": cls(True, True, True)}[name]
+
+
+@dataclass
+class VideoInput:
+    """One video sampled and patchified for a model."""
+
+    key: str  # path + frame sampling: the embedding cache key
+    pixels: torch.Tensor
+    grid_thw: torch.Tensor  # [1, 3]
+    timestamps_s: list[float]
+    seconds_per_grid: float
+
+
+@dataclass
+class Sample:
+    """One question on one video, ready for the model."""
+
+    key: str
+    record: dict
+    video: VideoInput
+    prompt: RolloutPrompt  # ids + positions; its `videos` are filled by `Runtime.embed`
+
+
+def question_messages(record: dict, system: str | None = None, think: bool = True) -> list[dict]:
+    """Return the chat of one multiple-choice record: the video, the question and its options."""
+    question, options = split_problem(record["problem"]) if "problem" in record else (record["question"], {})
+    if record.get("options") and not options:
+        options = record["options"]
+    text = format_problem(question, options) if options else question
+    text += "\n" + (THINK_INSTRUCTION if think else PLAIN_INSTRUCTION)
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]})
+    return messages
+
+
+def prepare_video(adapter: VLAdapter, path: str | Path, max_frames: int, max_pixels: int,
+                  fps: float | None = None) -> VideoInput:
+    """Decode, sample, resize and patchify one video (raises `VideoDecodeError`)."""
+    spec = adapter.patch_spec
+    tp = spec.temporal_patch_size
+    video = load_video(path, max_frames=max(max_frames, tp), factor=spec.factor, max_pixels=max_pixels, fps=fps)
+    frames, times = video.frames, list(video.timestamps_s)
+    if frames.shape[0] % tp:  # the temporal patch needs whole pairs: repeat the last frame
+        extra = tp - frames.shape[0] % tp
+        frames = torch.cat([frames, frames[-1:].expand(extra, -1, -1, -1)])
+        times += [times[-1]] * extra
+    pixels, grid = patchify(frames, spec)
+    key = f"{video.key}|{spec.factor}|{max_pixels}"
+    return VideoInput(key, pixels, grid, times, adapter.second_per_grid(video.fps_sampled))
+
+
+class Runtime:
+    """Model inputs, embeddings, rollouts and log-probs for one model on one process grid."""
+
+    def __init__(self, adapter: VLAdapter, grid: Grid | None = None, mode: Mode = Mode(),
+                 chunk_tokens: int = 1024, max_frames: int = 32, max_pixels: int = 112 * 112,
+                 fps: float | None = None, system: str | None = None, think: bool = True):
+        self.adapter = adapter
+        self.grid = grid or Grid()
+        self.mode = mode
+        self.chunk_tokens = chunk_tokens
+        self.max_frames, self.max_pixels, self.fps = max_frames, max_pixels, fps
+        self.system, self.think = system, think
+        self.cache = EmbeddingCache(enabled=mode.reuse_embeddings)
+        self.engine = HFEngine(adapter)
+        self.pad_id = adapter.tokenizer.pad_token_id if adapter.tokenizer.pad_token_id is not None else 0
+        self.eos_id = adapter.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    @classmethod
+    def from_recipe(cls, adapter: VLAdapter, grid: Grid, recipe, mode: Mode | None = None) -> "Runtime":
+        mrsp, video, prompt = recipe.mrsp, recipe.video, getattr(recipe, "prompt", None)
+        mode = mode or (Mode() if mrsp.enabled else Mode.named("vanilla"))
+        return cls(adapter, grid, mode, chunk_tokens=mrsp.logprob_chunk_tokens, max_frames=video.max_frames,
+                   max_pixels=video.max_pixels, fps=video.fps, system=prompt.system if prompt else None,
+                   think=prompt.think if prompt else True)
+
+    @property
+    def sp_grid(self) -> Grid:
+        """The grid the SP forward and the sharded encode run on (a single process without SP)."""
+        return self.grid if self.mode.sequence_parallel else Grid()
+
+    # -- inputs ------------------------------------------------------------------------------
+    def sample(self, record: dict, video_dir: str | Path | None = None, key: str | None = None,
+               max_frames: int | None = None) -> Sample:
+        """Return the model inputs of `record` (its first video); raise `VideoDecodeError`."""
+        path = Path(record["videos"][0] if "videos" in record else record["video"])
+        if video_dir is not None and not path.is_absolute():
+            path = Path(video_dir) / path
+        video = prepare_video(self.adapter, path, max_frames or self.max_frames, self.max_pixels, self.fps)
+        messages = question_messages(record, self.system, self.think)
+        ids = self.adapter.prompt_ids(messages, [(video.grid_thw, video.timestamps_s)])
+        key = key or str(record.get("problem_id", record.get("question_id", path)))
+        pos, deltas = self.adapter.positions(torch.tensor(ids)[None], [video.grid_thw], [video.seconds_per_grid])
+        prompt = RolloutPrompt(key, torch.tensor(ids), pos[:, 0], int(deltas.reshape(-1)[0]), [])
+        return Sample(key, record, video, prompt)
+
+    def target_ids(self, text: str) -> list[int]:
+        """Token ids of an assistant reply `text`, ending with the end-of-turn token."""
+        return self.adapter.tokenizer.encode(text, add_special_tokens=False) + [self.eos_id]
+
+    # -- vision ---------------------------------------------------------------------------------
+    def embed(self, sample: Sample, grad: bool = False) -> VideoEmbedding:
+        """The video embedding of `sample`: from the step's cache, or encoded (sharded over the
+        SP group) and counted in `cache.vision_encodes`."""
+        v = sample.video
+
+        def encode() -> VideoEmbedding:
+            with torch.set_grad_enabled(grad):
+                return encode_sharded(self.adapter, v.pixels, v.grid_thw, self.sp_grid)
+
+        return self.cache.get(v.key, encode, grad=grad)
+
+    def new_step(self) -> None:
+        self.cache.new_step()
+
+    # -- rollouts -------------------------------------------------------------------------------
+    def generate(self, samples: list[Sample], n: int, sampling: Sampling) -> list[list[Rollout]]:
+        """`n` rollouts of every sample (outer: samples). MR-SP/peer: one encode and one prefill
+        per prompt; vanilla: every rollout encodes the video and prefills on its own."""
+        out = []
+        for i, s in enumerate(samples):
+            if self.mode.group_rollouts:
+                with torch.no_grad():
+                    s.prompt.videos = [self.embed(s)]
+                out.append(self.engine.generate([s.prompt], n, self._seeded(sampling, i))[0])
+                continue
+            group = []
+            for r in range(n):
+                with torch.no_grad():
+                    s.prompt.videos = [self.embed(s)]
+                group += self.engine.generate([s.prompt], 1, self._seeded(sampling, i * 100_003 + r))[0]
+            out.append(group)
+        for s in samples:
+            s.prompt.videos = []
+        return out
+
+    @staticmethod
+    def _seeded(sampling: Sampling, index: int) -> Sampling:
+        if sampling.seed is None:
+            return sampling
+        return Sampling(sampling.temperature, sampling.top_p, sampling.max_new_tokens,
+                        sampling.seed * 7_919 + index, sampling.stop_token_ids)
+
+    # -- teacher-forced forwards -----------------------------------------------------------------
+    def rows(self, sample: Sample, responses: list[list[int]]) -> list[tuple]:
+        """`(ids, positions, score_mask)` of prompt + each response; response positions continue
+        the prompt's as the model's own `get_rope_index` gives them (`index + rope_delta`)."""
+        p = sample.prompt
+        L = p.input_ids.shape[0]
+        rows = []
+        for resp in responses:
+            r = torch.tensor(resp, dtype=torch.long)
+            ids = torch.cat([p.input_ids, r])
+            tail = (torch.arange(L, L + len(resp)) + p.rope_delta).expand(3, -1)
+            pos = torch.cat([p.position_ids, tail], dim=1)
+            mask = torch.zeros(len(ids), dtype=torch.bool)
+            mask[L:] = True
+            rows.append((ids, pos, mask))
+        return rows
+
+    def logprobs(self, sample: Sample, responses: list[list[int]], entropy: bool = False,
+                 grad_vision: bool = False, model: VLAdapter | None = None
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """Per response: log-probs `[T_r]` of its tokens (and entropies) under the current
+        weights; gradients flow when grad mode is on. MR-SP: one SP forward over the group's
+        rows with the cached embedding; otherwise one forward per sequence, each re-encoding.
+        `model`: another model of the same vision tower (the frozen reference) to run instead."""
+        model = model or self.adapter
+        rows = self.rows(sample, responses)
+        lengths = [len(r) for r in responses]
+        if self.mode.reuse_embeddings:
+            emb = self.embed(sample, grad=grad_vision)
+            batch = TokenBatch.from_rows([(i, p, [emb], m) for i, p, m in rows], self.pad_id)
+            logp, ent = token_logprobs(model, batch, self.sp_grid, self.chunk_tokens, entropy)
+            return self._split(logp, batch.score_mask, lengths), (
+                self._split(ent, batch.score_mask, lengths) if entropy else None)
+        logps, ents = [], []
+        for (i, p, m), T in zip(rows, lengths):
+            emb = self.embed(sample, grad=grad_vision)
+            batch = TokenBatch.from_rows([(i, p, [emb], m)], self.pad_id)
+            lp, en = token_logprobs(model, batch, self.sp_grid, self.chunk_tokens, entropy)
+            logps += self._split(lp, batch.score_mask, [T])
+            if entropy:
+                ents += self._split(en, batch.score_mask, [T])
+        return logps, (ents if entropy else None)
+
+    @staticmethod
+    def _split(values: torch.Tensor, mask: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:
+        return [values[b][mask[b]][:T] for b, T in enumerate(lengths)]
+
+    def counters(self) -> dict:
+        e = self.engine
+        return {**self.cache.counters(), "prefills": e.prefills, "prefill_tokens": e.prefill_tokens,
+                "decode_steps": e.decode_steps}
+
+    def reset_counters(self) -> None:
+        self.cache.reset_counters()
+        self.engine.reset_counters()

@@ -1,0 +1,233 @@
+"""`lvr rl`: GRPO on long videos with the MR-SP runtime (paper Sec. 4, Eq. 1-2).
+
+One step, top to bottom: pick `train.global_batch` questions -> G rollouts each from the
+rollout engine with the video embedding encoded once (sharded over the SP group) ->
+format + accuracy rewards -> old-policy and reference log-probs (SP forwards reusing the
+embedding) -> group-normalised advantages -> clipped objective + KL, for `algo.ppo_epochs`
+passes over `algo.mini_batches` mini-batches -> optimizer step(s).
+
+Where it departs from the paper:
+- The paper rolls out with vLLM on GPUs; the default engine here is the `hf` engine (one
+  prefill per group, G rows decoded together), which also runs on CPU.
+- Within an SP group every rank decodes the same rollouts (same seed): rollouts are not
+  split across the group. The long prefill of the training forwards is.
+- Old-policy log-probs are recomputed by a teacher-forced forward (as verl does), not taken
+  from the sampler, so the ratio is exact even when the engine's numerics differ.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from stages.algo.grpo import aggregate, group_advantages, kl_in_reward, kl_penalty, masked_mean, policy_loss
+from stages.algo.rewards import combined_reward
+from stages.data.records import read_jsonl
+from stages.data.video import VideoDecodeError
+from stages.models.adapter import VLAdapter, load_adapter, load_model
+from stages.mrsp.dist import init_grid
+from stages.mrsp.rollout import Sampling
+from stages.mrsp.runtime import Runtime
+from stages.mrsp.trainer import (TrainEngine, dp_mean, model_dtype, resume, save_checkpoint, save_final,
+                                 step_records)
+
+
+CATEGORIES = ("temporal", "goal", "spatial", "plot")
+
+
+def response_text(rt: Runtime, token_ids: list[int]) -> str:
+    """The response as the reward functions read it: decoded, without its stop token."""
+    ids = token_ids[:-1] if token_ids and token_ids[-1] in (rt.eos_id, rt.adapter.tokenizer.eos_token_id) else token_ids
+    return rt.adapter.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[B, T]` values and mask of ragged 1-D tensors (T = the longest; at least 1)."""
+    T = max([r.shape[0] for r in rows] + [1])
+    vals = torch.zeros(len(rows), T, dtype=rows[0].dtype if rows else torch.float32)
+    mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    out = []
+    for b, r in enumerate(rows):
+        mask[b, :r.shape[0]] = True
+        out.append(torch.cat([r, r.new_zeros(T - r.shape[0])]) if r.shape[0] < T else r)
+    return (torch.stack(out) if out else vals), mask
+
+
+def run(recipe, run) -> dict:
+    grid = init_grid(recipe.mrsp.sp_size, recipe.launch.backend, recipe.launch.timeout_s)
+    torch.manual_seed(recipe.seed)
+    dtype = model_dtype(recipe.model.dtype, grid.device)
+    adapter = load_adapter(recipe.model.path, dtype, grid.device, recipe.model.attn_implementation)
+    ref = None
+    if recipe.algo.kl_coef > 0:
+        ref_model = load_model(recipe.model.path, dtype, grid.device, recipe.model.attn_implementation).eval()
+        ref_model.requires_grad_(False)
+        ref = VLAdapter(ref_model, adapter.tokenizer, adapter.patch_spec)
+    rt = Runtime.from_recipe(adapter, grid, recipe)
+
+    records = read_jsonl(recipe.data.input, on_error=lambda line, why: run.error(f"{recipe.data.input}:{line}", why))
+    records = records[:recipe.data.limit] if recipe.data.limit else records
+    video_dir = recipe.data.video_dir or str(Path(recipe.data.input).parent)
+    G, algo = recipe.rollout.n, recipe.algo
+    per_rank = recipe.train.global_batch // grid.dp_size
+    micro = recipe.train.micro_batch_per_rank
+    accum = per_rank // (micro * algo.mini_batches)
+    engine = TrainEngine(adapter.model, grid, recipe.optim, recipe.deepspeed,
+                         total_steps=recipe.train.steps * algo.ppo_epochs * algo.mini_batches, accum_steps=accum,
+                         freeze_vision=recipe.model.freeze_vision, freeze_llm_layers=recipe.model.freeze_llm_layers)
+
+    start = resume(engine, run)
+    adapter.model.train()
+    history = []
+    with run.progress("rl steps", recipe.train.steps) as bar:
+        bar.advance(start)
+        for step in range(start, recipe.train.steps):
+            metrics = train_step(recipe, run, rt, ref, engine, records, video_dir, step, G, algo, per_rank, micro)
+            history.append(metrics)
+            run.metric(step + 1, **metrics)
+            if (step + 1) % recipe.checkpoint.every_steps == 0 or step + 1 == recipe.train.steps:
+                save_checkpoint(engine, adapter, run.path, recipe, step + 1)
+            bar.advance()
+    final = save_final(adapter, run.path, recipe.model.path, grid)
+    if grid.is_main:
+        from stages.plots import plot_metrics
+
+        plot_metrics(run.file("metrics.jsonl"), run.file("rewards.png"),
+                     ["reward/total", "reward/accuracy", "reward/format"], "GRPO rewards")
+    first = history[0] if history else {}
+    last = history[-1] if history else {}
+    return {"steps": recipe.train.steps, "resumed_from": start, "final": str(final),
+            "accuracy_first": first.get("reward/accuracy"), "accuracy_last": last.get("reward/accuracy"),
+            "failed": 0}
+
+
+def train_step(recipe, run, rt: Runtime, ref: VLAdapter | None, engine: TrainEngine, records, video_dir,
+               step: int, G: int, algo, per_rank: int, micro: int) -> dict:
+    grid = rt.grid
+    timers = dict.fromkeys(("vision", "rollout", "old", "ref", "update"), 0.0)
+    rt.new_step()
+    rt.reset_counters()
+
+    # 1. the step's questions and their videos (encoded once, sharded over the SP group)
+    samples = []
+    for i in step_records(len(records), step, recipe.train.global_batch, recipe.seed, grid.dp_rank, grid.dp_size):
+        try:
+            samples.append(rt.sample(records[i], video_dir))
+        except (VideoDecodeError, KeyError, ValueError) as e:
+            run.error(str(records[i].get("problem_id", i)), f"{type(e).__name__}: {e}")
+    t = time.perf_counter()
+    with torch.no_grad():
+        for s in samples:
+            rt.embed(s)
+    timers["vision"] = time.perf_counter() - t
+
+    # 2. G rollouts per question
+    t = time.perf_counter()
+    sampling = Sampling(recipe.rollout.temperature, recipe.rollout.top_p, recipe.rollout.max_new_tokens,
+                        seed=(recipe.seed * 1_000_003 + step) * 1_009 + grid.dp_rank)
+    groups = rt.generate(samples, G, sampling)
+    timers["rollout"] = time.perf_counter() - t
+    responses = [[r.token_ids for r in g] for g in groups]
+
+    # 3. rewards
+    rewards, parts = [], []
+    for s, g in zip(samples, groups):
+        for r in g:
+            text = response_text(rt, r.token_ids)
+            rw = combined_reward(text, s.record["answer"], options=s.record.get("options"),
+                                 format_weight=recipe.reward.format_weight,
+                                 accuracy_weight=recipe.reward.accuracy_weight)
+            rewards.append(rw["total"])
+            parts.append(rw)
+
+    # 4. old-policy and reference log-probs (no gradient, embedding reused)
+    old, refs = [], []
+    with torch.no_grad():
+        t = time.perf_counter()
+        for s, resp in zip(samples, responses):
+            old.append(rt.logprobs(s, resp)[0])
+        timers["old"] = time.perf_counter() - t
+        t = time.perf_counter()
+        if ref is not None:
+            for s, resp in zip(samples, responses):
+                refs.append(rt.logprobs(s, resp, model=ref)[0])
+        timers["ref"] = time.perf_counter() - t
+
+    # 5. advantages (KL folded into the reward when asked)
+    reward_t = torch.tensor(rewards, dtype=torch.float32)
+    if ref is not None and algo.kl_in_reward:
+        lp, mask = pad_rows([x for g in old for x in g])
+        rl_, _ = pad_rows([x for g in refs for x in g])
+        reward_t = kl_in_reward(reward_t, lp, rl_, mask, algo.kl_coef, algo.kl_kind)
+    adv = group_advantages(reward_t, G, scale_by_std=algo.scale_by_std) if samples else reward_t
+    group_std = reward_t.view(-1, G).std(dim=1) if samples else reward_t
+    keep_group = (group_std > 0) if algo.drop_zero_variance_groups else torch.ones_like(group_std, dtype=torch.bool)
+
+    # 6. clipped objective + KL, ppo_epochs x mini_batches optimizer steps
+    t = time.perf_counter()
+    stats_acc: dict[str, list[float]] = {}
+    order = list(range(len(samples)))
+    mb_size = max(1, per_rank // algo.mini_batches)
+    for _ in range(algo.ppo_epochs):
+        for m0 in range(0, per_rank, mb_size):
+            for u0 in range(m0, m0 + mb_size, micro):
+                idx = [q for q in order[u0:u0 + micro] if q < len(samples)]
+                loss = torch.zeros((), requires_grad=True)
+                for q in idx:
+                    lp_list, ent_list = rt.logprobs(samples[q], responses[q], entropy=True)
+                    lp, mask = pad_rows(lp_list)
+                    old_lp, _ = pad_rows(old[q])
+                    mask = mask & bool(keep_group[q])
+                    a = adv[q * G:(q + 1) * G]
+                    pl, st = policy_loss(lp, old_lp, a, mask, algo.clip_low, algo.clip_high, algo.dual_clip,
+                                         algo.loss_agg)
+                    total = pl
+                    if ref is not None and not algo.kl_in_reward:
+                        ref_lp, _ = pad_rows(refs[q])
+                        kl = aggregate(kl_penalty(lp, ref_lp, algo.kl_kind), mask, algo.loss_agg)
+                        total = total + algo.kl_coef * kl
+                        stats_acc.setdefault("kl", []).append(float(kl.detach()))
+                    ent, _ = pad_rows(ent_list)
+                    stats_acc.setdefault("entropy", []).append(float(masked_mean(ent.detach(), mask)))
+                    stats_acc.setdefault("loss", []).append(float(total.detach()))
+                    for k, v in st.items():
+                        stats_acc.setdefault(k, []).append(float(v))
+                    loss = loss + total / len(idx)
+                engine.backward(loss)
+                engine.step()
+    timers["update"] = time.perf_counter() - t
+
+    # 7. metrics and samples
+    n = max(len(rewards), 1)
+    out = {f"reward/{k}": sum(p[k] for p in parts) / n for k in ("total", "format", "accuracy")}
+    per_cat = {c: [0.0, 0.0] for c in CATEGORIES}  # accuracy sum, count (summed over ranks below)
+    for qi, s in enumerate(samples):
+        cat = s.record.get("category", s.record.get("problem_type"))
+        if cat in per_cat:
+            per_cat[cat][0] += sum(p["accuracy"] for p in parts[qi * G:(qi + 1) * G])
+            per_cat[cat][1] += G
+    lengths = [len(r) for g in responses for r in g]
+    out.update({
+        "advantage/mean": float(adv.mean()) if len(adv) else 0.0,
+        "advantage/abs_mean": float(adv.abs().mean()) if len(adv) else 0.0,
+        "zero_variance_groups": float((group_std == 0).float().mean()) if len(group_std) else 0.0,
+        "response_length": sum(lengths) / max(len(lengths), 1),
+        **{k: sum(v) / len(v) for k, v in stats_acc.items()},
+        "lr": engine.lr, "grad_norm": engine.last_grad_norm,
+        **{f"time/{k}": v for k, v in timers.items()},
+    })
+    out = dp_mean(out, grid)
+    sums = dp_mean({f"{c}/{i}": v[i] for c, v in per_cat.items() for i in (0, 1)}, grid)
+    out.update({f"accuracy/{c}": sums[f"{c}/0"] / sums[f"{c}/1"] for c in CATEGORIES if sums[f"{c}/1"] > 0})
+    out.update(rt.counters())
+    if torch.cuda.is_available():
+        out["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    for qi, (s, g) in enumerate(zip(samples, groups)):
+        for j, r in enumerate(g):
+            p = parts[qi * G + j]
+            run.sample({"step": step + 1, "problem_id": s.key, "rollout": j, "response": r.text,
+                        "reward": p["total"], "format": p["format"], "accuracy": p["accuracy"],
+                        "advantage": float(adv[qi * G + j])})
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in out.items()}

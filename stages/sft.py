@@ -1,0 +1,123 @@
+"""`lvr sft`: long chain-of-thought supervised fine-tuning (paper Sec. 4, stage 1).
+
+Each record becomes the model's chat: the video and the question with its options as the
+user turn, `<think>{reasoning}</think><answer>{answer}</answer>` as the assistant turn;
+the loss is the mean negative log-likelihood of the assistant tokens only (token-mean
+over the micro-batch). Videos go through the MR-SP runtime: frames encoded sharded over
+the SP group, the sequence split over it for the forward and backward.
+
+Where it departs from the paper: the paper fine-tunes the vision tower too; here it is
+frozen by default (`model.freeze_vision`), as in its RL stage.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from stages.data.records import answer_target, read_jsonl
+from stages.data.video import VideoDecodeError
+from stages.models.adapter import load_adapter
+from stages.mrsp.dist import init_grid
+from stages.mrsp.runtime import Runtime, Sample
+from stages.mrsp.trainer import TrainEngine, dp_mean, model_dtype, resume, save_checkpoint, save_final, step_records
+
+
+def target_text(record: dict) -> str:
+    return answer_target(record.get("reasoning", ""), record["answer"])
+
+
+def nll(rt: Runtime, samples: list[Sample]) -> tuple[torch.Tensor, int]:
+    """Sum of assistant-token negative log-likelihoods over `samples`, and the token count."""
+    total, count = torch.zeros(()), 0
+    for s in samples:
+        target = rt.target_ids(target_text(s.record))
+        logp = rt.logprobs(s, [target])[0][0]
+        total = total + (-logp).sum()
+        count += logp.shape[0]
+    return total, count
+
+
+def run(recipe, run) -> dict:
+    grid = init_grid(recipe.mrsp.sp_size, recipe.launch.backend, recipe.launch.timeout_s)
+    torch.manual_seed(recipe.seed)
+    adapter = load_adapter(recipe.model.path, model_dtype(recipe.model.dtype, grid.device), grid.device,
+                           recipe.model.attn_implementation)
+    rt = Runtime.from_recipe(adapter, grid, recipe)
+
+    records = read_jsonl(recipe.data.input, on_error=lambda line, why: run.error(f"{recipe.data.input}:{line}", why))
+    records = records[:recipe.data.limit] if recipe.data.limit else records
+    video_dir = recipe.data.video_dir or str(Path(recipe.data.input).parent)
+    held_out = []
+    if recipe.eval.input:
+        held_out = read_jsonl(recipe.eval.input)[:recipe.eval.limit or None]
+    per_rank = recipe.train.global_batch // grid.dp_size
+    micro = recipe.train.micro_batch_per_rank
+    engine = TrainEngine(adapter.model, grid, recipe.optim, recipe.deepspeed, total_steps=recipe.train.steps,
+                         accum_steps=per_rank // micro, freeze_vision=recipe.model.freeze_vision,
+                         freeze_llm_layers=recipe.model.freeze_llm_layers)
+    start = resume(engine, run)
+    adapter.model.train()
+    history = []
+    with run.progress("sft steps", recipe.train.steps) as bar:
+        bar.advance(start)
+        for step in range(start, recipe.train.steps):
+            t = time.perf_counter()
+            rt.new_step()
+            rt.reset_counters()
+            idx = step_records(len(records), step, recipe.train.global_batch, recipe.seed, grid.dp_rank, grid.dp_size)
+            losses, tokens = [], 0
+            for u in range(0, per_rank, micro):
+                samples = []
+                for i in idx[u:u + micro]:
+                    try:
+                        samples.append(rt.sample(records[i], video_dir))
+                    except (VideoDecodeError, KeyError, ValueError) as e:
+                        run.error(str(records[i].get("problem_id", i)), f"{type(e).__name__}: {e}")
+                total, count = nll(rt, samples)
+                loss = total / max(count, 1)
+                engine.backward(loss)
+                engine.step()
+                losses.append(float(loss.detach()))
+                tokens += count
+            metrics = dp_mean({"loss": sum(losses) / len(losses), "target_tokens": float(tokens),
+                               "lr": engine.lr, "grad_norm": engine.last_grad_norm,
+                               "time/step": time.perf_counter() - t}, grid)
+            metrics.update(rt.counters())
+            if held_out and ((step + 1) % recipe.eval.every_steps == 0 or step + 1 == recipe.train.steps):
+                metrics["eval_loss"] = held_out_loss(rt, held_out, recipe, grid)
+            metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
+            history.append(metrics)
+            run.metric(step + 1, **metrics)
+            save_checkpoint(engine, adapter, run.path, recipe, step + 1)
+            bar.advance()
+    final = save_final(adapter, run.path, recipe.model.path, grid)
+    if grid.is_main:
+        from stages.plots import plot_metrics
+
+        plot_metrics(run.file("metrics.jsonl"), run.file("loss.png"), ["loss", "eval_loss"], "CoT-SFT loss")
+    return {"steps": recipe.train.steps, "resumed_from": start, "final": str(final),
+            "loss_first": history[0]["loss"] if history else None,
+            "loss_last": history[-1]["loss"] if history else None,
+            "eval_loss_last": next((h["eval_loss"] for h in reversed(history) if "eval_loss" in h), None),
+            "failed": 0}
+
+
+def held_out_loss(rt: Runtime, records: list[dict], recipe, grid) -> float:
+    """Token-mean NLL of the held-out records' targets (each DP rank takes its share)."""
+    video_dir = str(Path(recipe.eval.input).parent)
+    mine = records[grid.dp_rank::grid.dp_size]
+    total, count = 0.0, 0
+    rt.adapter.model.eval()
+    with torch.no_grad():
+        for rec in mine:
+            try:
+                t, c = nll(rt, [rt.sample(rec, video_dir)])
+            except (VideoDecodeError, KeyError, ValueError):
+                continue
+            total, count = total + float(t), count + c
+    rt.adapter.model.train()
+    sums = dp_mean({"total": total, "count": float(count)}, grid)
+    return sums["total"] / max(sums["count"], 1.0)
