@@ -332,7 +332,13 @@ class GenerationSection(Section):
 
 
 class EvalVideoSection(VideoSection):
-    frames: list[PosInt] | None = None  # a list sweeps accuracy vs frames
+    frames: list[PosInt] | None = None  # a list sweeps accuracy vs frames (max_frames is then unused)
+
+    @model_validator(mode="after")
+    def _frames(self):
+        if self.frames is not None and not self.frames:
+            raise ValueError("frames: an empty list; leave it out to evaluate at max_frames")
+        return self
 
 
 class EvalDataSection(DataSection):
@@ -348,6 +354,12 @@ class EvalRecipe(Recipe):
     generation: GenerationSection = GenerationSection()
     mrsp: MrspSection = MrspSection()
     launch: LaunchSection = LaunchSection()
+
+    @model_validator(mode="after")
+    def _grid(self):
+        if self.world_size() % self.mrsp.sp_size:
+            raise ValueError(f"mrsp.sp_size: {self.mrsp.sp_size} does not divide the world size {self.world_size()}")
+        return self
 
 
 BenchMode = Literal["vanilla", "peer", "mrsp-1", "mrsp", "mrsp-shared"]
