@@ -232,8 +232,14 @@ def build_tiny(family: str, out_dir: Path, seed: int = 0) -> Path:
     (tmp / "video_preprocessor_config.json").write_text(json.dumps(pre, indent=2))
     (tmp / "lvr_tiny.json").write_text(json.dumps({"family": family, "seed": seed,
                                                     "builder_version": BUILDER_VERSION}))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)  # atomic publish: a concurrent reader sees all or nothing
+    if (out_dir / "lvr_tiny.json").exists():  # a concurrent builder published first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+        return out_dir
+    shutil.rmtree(out_dir, ignore_errors=True)  # a half-written folder of an older, killed build
+    try:
+        tmp.rename(out_dir)  # atomic publish: a concurrent reader sees all or nothing
+    except OSError:  # another process published between the check and here
+        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

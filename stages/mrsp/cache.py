@@ -10,6 +10,7 @@ optimizer step. The counters `vision_encodes` and `embedding_cache_hits` go to m
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 from stages.models.adapter import VideoEmbedding
@@ -22,6 +23,7 @@ class EmbeddingCache:
         self._store: dict[tuple[str, int], VideoEmbedding] = {}
         self.vision_encodes = 0
         self.embedding_cache_hits = 0
+        self.encode_seconds = 0.0  # wall time spent in the vision tower
 
     def get(self, key: str, encode: Callable[[], VideoEmbedding], grad: bool = False) -> VideoEmbedding:
         """Return the cached embedding of `key`, or encode (and cache) it. `grad=True` always
@@ -30,7 +32,9 @@ class EmbeddingCache:
         if self.enabled and not grad and full in self._store:
             self.embedding_cache_hits += 1
             return self._store[full]
+        t = time.perf_counter()
         emb = encode()
+        self.encode_seconds += time.perf_counter() - t
         self.vision_encodes += 1
         if self.enabled and not grad:
             self._store[full] = emb
@@ -50,3 +54,4 @@ class EmbeddingCache:
 
     def reset_counters(self) -> None:
         self.vision_encodes = self.embedding_cache_hits = 0
+        self.encode_seconds = 0.0

@@ -1,0 +1,358 @@
+"""`lvr bench-mrsp`: seconds per GRPO step and peak memory, MR-SP against the vanilla way.
+
+For each frame count and each mode, K real RL steps run on the same model and videos:
+G rollouts per question, old-policy, reference and update forwards (with backward and an
+AdamW step). Modes (see `stages/mrsp/runtime.py`):
+
+- `vanilla`: the paper's baseline: every rollout encodes the video and prefills alone,
+  every sequence of every training forward re-encodes it, no sequence parallelism;
+- `peer`: what verl/EasyR1 do: one encode + prefill per prompt for the rollouts, but each
+  training forward re-encodes the video for every one of the G sequences; SP forwards on;
+- `mrsp-1`: the MR-SP runtime at SP 1 (embedding encoded once per step and reused);
+- `mrsp`: the MR-SP runtime at SP = `mrsp.sp_size` (sharded encode + SP forwards).
+
+A step processes `launch.nproc_per_node` questions in every mode (one per data-parallel
+rank, or several in turn per SP group), so every mode does the same useful work.
+
+What is not real: videos are random frames and rewards are seeded random numbers (a tiny
+random model earns none): the benchmark measures cost, not learning. What is checked: at
+the first step every mode computes the loss of the same reference rollouts from the same
+weights, and the losses must agree within 1e-4 (else the run fails).
+
+Peak memory: CUDA's allocator peak on GPU; on CPU the resident-set high-water mark above
+the step's start, sampled every 5 ms. With `bench.memory_cap_gb` a mode whose peak passes
+the cap is reported as OOM at the end of the phase that passed it and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from stages.algo.grpo import aggregate, group_advantages, kl_penalty, policy_loss
+from stages.models.adapter import VLAdapter, load_adapter, load_model
+from stages.models.patchify import patchify
+from stages.mrsp.dist import Grid, init_grid
+from stages.mrsp.rollout import RolloutPrompt, Sampling
+from stages.mrsp.runtime import Mode, Runtime, Sample, VideoInput, question_messages
+from stages.rl import pad_rows
+
+MODES = {"vanilla": ("vanilla", False), "peer": ("peer", True), "mrsp-1": ("mrsp", False), "mrsp": ("mrsp", True)}
+PHASES = ("vision", "rollout", "old", "ref", "update")
+
+
+class MemoryCapExceeded(RuntimeError):
+    pass
+
+
+class Phase:
+    """Time one phase of a step; vision-tower time inside it is moved to the `vision` phase."""
+
+    def __init__(self, timers: dict, name: str, rt: Runtime):
+        self.timers, self.name, self.rt = timers, name, rt
+
+    def __enter__(self):
+        self.t, self.enc = time.perf_counter(), self.rt.cache.encode_seconds
+        return self
+
+    def __exit__(self, *exc):
+        enc = self.rt.cache.encode_seconds - self.enc
+        self.timers[self.name] += time.perf_counter() - self.t - enc
+        self.timers["vision"] += enc
+
+
+class PeakMemory:
+    """Peak memory in GiB since `reset()`: CUDA allocator peak, or sampled RSS growth on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._base = self._peak = 0
+        self._stop = threading.Event()
+        if not self.cuda:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self._peak = max(self._peak, self._rss())
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self._base = 0
+        else:
+            self._base = self._peak = self._rss()
+
+    def gb(self) -> float:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2 ** 30
+        return max(0, max(self._peak, self._rss()) - self._base) / 2 ** 30
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def synthetic_sample(rt: Runtime, frames: int, size: int, index: int) -> Sample:
+    """A question on a video of random frames (distinct per `index`)."""
+    g = torch.Generator().manual_seed(1000 + index)
+    pixels_u8 = torch.randint(0, 256, (frames, 3, size, size), dtype=torch.uint8, generator=g)
+    pixels, grid_thw = patchify(pixels_u8, rt.adapter.patch_spec)
+    times = [i * 0.5 for i in range(frames)]
+    video = VideoInput(f"bench-{index}-{frames}-{size}", pixels, grid_thw, times, rt.adapter.second_per_grid(2.0))
+    record = {"problem_id": f"q{index}", "problem": "What happens in the video?\nA. a\nB. b\nC. c\nD. d"}
+    ids = rt.adapter.prompt_ids(question_messages(record), [(grid_thw, times)])
+    pos, deltas = rt.adapter.positions(torch.tensor(ids)[None], [grid_thw], [video.seconds_per_grid])
+    return Sample(record["problem_id"], record, video, RolloutPrompt(record["problem_id"], torch.tensor(ids),
+                                                                    pos[:, 0], int(deltas.reshape(-1)[0]), []))
+
+
+def step_loss(rt: Runtime, ref: VLAdapter, samples, responses, rewards, G, algo, timers, memory, cap, optimizer=None):
+    """Old + reference + update forwards of one step; return the update loss (summed over questions)."""
+    old, refs = [], []
+    with torch.no_grad():
+        for phase, out, model in (("old", old, None), ("ref", refs, ref)):
+            with Phase(timers, phase, rt):
+                for s, resp in zip(samples, responses):
+                    out.append(rt.logprobs(s, resp, model=model)[0])
+            check_cap(memory, cap)
+    adv = group_advantages(rewards, G, scale_by_std=algo.scale_by_std)
+    update = Phase(timers, "update", rt).__enter__()
+    total = 0.0
+    for q, (s, resp) in enumerate(zip(samples, responses)):
+        lp, mask = pad_rows(rt.logprobs(s, resp)[0])
+        old_lp, _ = pad_rows(old[q])
+        ref_lp, _ = pad_rows(refs[q])
+        loss, _ = policy_loss(lp, old_lp, adv[q * G:(q + 1) * G], mask, algo.clip_low, algo.clip_high,
+                              algo.dual_clip, algo.loss_agg)
+        loss = loss + algo.kl_coef * aggregate(kl_penalty(lp, ref_lp, algo.kl_kind), mask, algo.loss_agg)
+        (loss * rt.sp_grid.sp_size).backward()
+        total += float(loss.detach())
+    if optimizer is not None:
+        if rt.grid.world_size > 1:
+            for p in rt.adapter.model.parameters():
+                if p.requires_grad:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad)
+                    p.grad /= rt.grid.world_size
+        optimizer.step()
+    rt.adapter.model.zero_grad(set_to_none=True)
+    update.__exit__()
+    check_cap(memory, cap)
+    return total
+
+
+def check_cap(memory: PeakMemory, cap: float | None) -> None:
+    if cap is not None and memory.gb() > cap:
+        raise MemoryCapExceeded(f"peak {memory.gb():.2f} GiB > cap {cap} GiB")
+
+
+def bench_mode(name, frames, recipe, adapter, ref, grids, initial, memory, ref_responses) -> dict:
+    b, algo = recipe.bench, recipe.algo
+    mode_name, use_sp = MODES[name]
+    grid = grids["sp"] if use_sp else grids["one"]
+    rt = Runtime(adapter, grid, Mode.named(mode_name), chunk_tokens=recipe.mrsp.logprob_chunk_tokens)
+    adapter.model.load_state_dict(initial)
+    opt = torch.optim.AdamW([p for p in adapter.model.parameters() if p.requires_grad], lr=1e-5)
+    G = recipe.rollout.n
+    # Every SP group handles world / dp questions in turn so all modes do the same work.
+    per_group = grid.world_size // grid.dp_size if grid.world_size > 1 else 1
+    qids = [grid.dp_rank * per_group + k for k in range(per_group)]
+    times, losses, counters, peak = [], [], {}, 0.0
+    try:
+        for step in range(b.warmup_steps + b.steps):
+            timers = dict.fromkeys(PHASES, 0.0)
+            rt.new_step()
+            rt.reset_counters()
+            memory.reset()
+            samples = [synthetic_sample(rt, frames, b.frame_size, q) for q in qids]
+            t0 = time.perf_counter()
+            with torch.no_grad(), Phase(timers, "rollout", rt):
+                if mode_name == "mrsp":  # encode once (sharded over the SP group), reused below
+                    for s in samples:
+                        rt.embed(s)
+            check_cap(memory, b.memory_cap_gb)
+            sampling = Sampling(recipe.rollout.temperature, recipe.rollout.top_p, b.response_tokens,
+                                seed=recipe.seed + step, stop_token_ids=[-1])  # fixed length: never stop
+            with Phase(timers, "rollout", rt):
+                groups = rt.generate(samples, G, sampling)
+            check_cap(memory, b.memory_cap_gb)
+            responses = [[r.token_ids for r in g] for g in groups]
+            rewards = torch.rand(len(samples) * G, generator=torch.Generator().manual_seed(step))
+            pre_check = rt.counters()["vision_encodes"]
+            if step == 0:  # the parity check: same rollouts, same weights -> same loss in every mode
+                chk = dict.fromkeys(PHASES, 0.0)
+                losses.append(step_loss(rt, ref, samples, ref_responses(qids), rewards, G, algo, chk, memory, None))
+                enc = rt.counters()["vision_encodes"] - pre_check
+                rt.cache.vision_encodes -= enc  # the check's encodes are not part of the step
+            step_loss(rt, ref, samples, responses, rewards, G, algo, timers, memory, b.memory_cap_gb, opt)
+            elapsed = time.perf_counter() - t0
+            if step == 0:
+                elapsed -= sum(chk.values())
+            if step >= b.warmup_steps:
+                times.append((elapsed, timers))
+            counters = rt.counters()
+            peak = max(peak, memory.gb())
+    except (MemoryCapExceeded, torch.OutOfMemoryError, MemoryError) as e:
+        return {"mode": name, "frames": frames, "oom": True, "reason": str(e).splitlines()[0][:200]}
+    med = statistics.median(t for t, _ in times)
+    breakdown = {p: statistics.median(tm[p] for _, tm in times) for p in PHASES}
+    return {"mode": name, "frames": frames, "oom": False, "seconds_per_step": med, "breakdown": breakdown,
+            "peak_memory_gb": peak, "vision_encodes_per_video": counters["vision_encodes"] / len(qids),
+            "video_tokens": int(samples[0].prompt.input_ids.eq(adapter.video_token_id).sum()),
+            "prompt_tokens": int(samples[0].prompt.input_ids.shape[0]), "first_step_loss": losses[0],
+            "questions_per_rank": len(qids)}
+
+
+def run(recipe, run) -> dict:
+    b = recipe.bench
+    if "mrsp-shared" in b.modes:
+        raise ValueError("bench.modes: 'mrsp-shared' needs the shared-prompt forwards (issue 8), not built yet")
+    grids = {"one": init_grid(1, recipe.launch.backend, recipe.launch.timeout_s),
+             "sp": init_grid(recipe.mrsp.sp_size, recipe.launch.backend, recipe.launch.timeout_s)}
+    grid: Grid = grids["sp"]
+    torch.manual_seed(recipe.seed)
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    adapter = load_adapter(recipe.model.path, torch.float32 if grid.device.type == "cpu" else torch.bfloat16,
+                           grid.device, recipe.model.attn_implementation)
+    adapter.model.model.visual.requires_grad_(False)
+    ref = VLAdapter(load_model(recipe.model.path, next(adapter.model.parameters()).dtype, grid.device).eval(),
+                    adapter.tokenizer, adapter.patch_spec)
+    ref.model.requires_grad_(False)
+    initial = {k: v.detach().clone() for k, v in adapter.model.state_dict().items()}
+    memory = PeakMemory(grid.device)
+    results = []
+    with run.progress("bench-mrsp", len(b.frames) * len(b.modes)) as bar:
+        for frames in b.frames:
+            cache: dict = {}
+
+            def ref_responses(qids, G=recipe.rollout.n, cache=cache):
+                """Fixed reference rollouts (seeded random tokens) for the cross-mode loss check."""
+                out = []
+                for q in qids:
+                    if q not in cache:
+                        g = torch.Generator().manual_seed(77 + q)
+                        cache[q] = [torch.randint(10, 900, (b.response_tokens,), generator=g).tolist()
+                                    for _ in range(G)]
+                    out.append(cache[q])
+                return out
+
+            row = {}
+            for name in b.modes:
+                res = bench_mode(name, frames, recipe, adapter, ref, grids, initial, memory, ref_responses)
+                res = gather_peak(res, grid)
+                row[name] = res
+                results.append(res)
+                run.metric(len(results), **{k: v for k, v in res.items() if k != "breakdown"})
+                bar.advance()
+            ok = [r for r in row.values() if not r["oom"]]
+            if ok:
+                base = ok[0]["first_step_loss"]
+                worst = max(abs(r["first_step_loss"] - base) for r in ok)
+                if worst > 1e-4 * max(1.0, abs(base)):
+                    raise RuntimeError(f"bench: modes disagree on the first-step loss at {frames} frames "
+                                       f"(max difference {worst:.3g})")
+    memory.close()
+    return report(recipe, run, grid, results)
+
+
+def gather_peak(res: dict, grid: Grid) -> dict:
+    """Peak memory of the worst rank (and the median step time of rank 0)."""
+    if grid.world_size == 1 or res["oom"]:
+        return res
+    t = torch.tensor([res["peak_memory_gb"]], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return {**res, "peak_memory_gb": float(t)}
+
+
+def report(recipe, run, grid: Grid, results: list[dict]) -> dict:
+    b = recipe.bench
+    modes = list(b.modes)
+    table = markdown_table(results, modes, b.frames)
+    speedups = {}
+    for f in b.frames:
+        row = {r["mode"]: r for r in results if r["frames"] == f}
+        best = "mrsp" if "mrsp" in row else ("mrsp-1" if "mrsp-1" in row else None)
+        if best and not row[best]["oom"]:
+            for other in ("vanilla", "peer"):
+                if other in row and not row[other]["oom"]:
+                    speedups[f"{best}_over_{other}@{f}"] = round(row[other]["seconds_per_step"]
+                                                                / row[best]["seconds_per_step"], 2)
+    if grid.is_main:
+        from lvr_cli.rundir import environment  # noqa: only for the machine description
+
+        out = Path(b.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        env = environment(grid.world_size)
+        machine = (f"{env['devices'].get('cuda') or 'CPU'} x{grid.world_size} processes, "
+                   f"{os.cpu_count()} cores, torch {env['versions']['torch']}")
+        data = {"name": b.name, "machine": machine, "model": recipe.model.path, "world_size": grid.world_size,
+                "sp_size": recipe.mrsp.sp_size, "rollout_n": recipe.rollout.n,
+                "response_tokens": b.response_tokens, "frame_size": b.frame_size, "steps": b.steps,
+                "warmup_steps": b.warmup_steps, "results": results, "speedups": speedups, "env": env}
+        (out / f"{b.name}.json").write_text(json.dumps(data, indent=2) + "\n")
+        (out / f"{b.name}.md").write_text(f"Machine: {machine}; model {recipe.model.path}; G = {recipe.rollout.n}, "
+                                         f"{b.response_tokens} response tokens, frames {b.frame_size}x{b.frame_size}.\n\n"
+                                         + table + "\n")
+        plot(results, modes, out / f"{b.name}.png", machine)
+        for name in (f"{b.name}.json", f"{b.name}.md", f"{b.name}.png"):
+            (run.path / name).write_bytes((out / name).read_bytes())
+        from rich.console import Console
+
+        Console().print(table)
+    return {"results": len(results), "oom": sum(r["oom"] for r in results), **speedups, "out_dir": b.out_dir,
+            "failed": 0}
+
+
+def markdown_table(results: list[dict], modes: list[str], frames: list[int]) -> str:
+    lines = ["| frames | mode | s/step | vision | rollout | old | ref | update | peak GiB/rank | encodes/video |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for f in frames:
+        for m in modes:
+            r = next((x for x in results if x["frames"] == f and x["mode"] == m), None)
+            if r is None:
+                continue
+            if r["oom"]:
+                lines.append(f"| {f} | {m} | OOM | | | | | | | |")
+                continue
+            bd = r["breakdown"]
+            lines.append(f"| {f} | {m} | {r['seconds_per_step']:.2f} | " + " | ".join(f"{bd[p]:.2f}" for p in PHASES)
+                         + f" | {r['peak_memory_gb']:.2f} | {r['vision_encodes_per_video']:g} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], modes: list[str], path: Path, machine: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in modes:
+        pts = [(r["frames"], r["seconds_per_step"]) for r in results if r["mode"] == m and not r["oom"]]
+        ooms = [r["frames"] for r in results if r["mode"] == m and r["oom"]]
+        if pts:
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+            if ooms:
+                ax.scatter(ooms, [max(p[1] for p in pts)] * len(ooms), marker="x", color=line.get_color(), s=80)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("frames")
+    ax.set_ylabel("seconds per RL step")
+    ax.set_title(f"MR-SP vs vanilla (x = OOM)\n{machine}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,34 @@
+"""`lvr bench-mrsp` on 2 gloo processes with two tiny frame counts."""
+
+import json
+
+from tests.conftest import run_lvr
+
+FIELDS = {"mode", "frames", "oom", "seconds_per_step", "breakdown", "peak_memory_gb", "vision_encodes_per_video",
+          "video_tokens", "prompt_tokens", "first_step_loss", "questions_per_rank"}
+
+
+def test_bench_writes_every_field_and_counts_encodes(tmp_path):
+    out = tmp_path / "bench"
+    r = run_lvr("bench-mrsp", "recipes/demo/bench.toml", "bench.frames=[4,8]", "bench.steps=1",
+                "bench.warmup_steps=0", "bench.response_tokens=4", "rollout.n=3", "bench.name=t",
+                f"bench.out_dir={json.dumps(str(out))}", f"output.dir={json.dumps(str(tmp_path / 'run'))}",
+                timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((out / "t.json").read_text())
+    assert (out / "t.png").stat().st_size > 0 and "| frames | mode |" in (out / "t.md").read_text()
+    assert data["world_size"] == 2 and data["sp_size"] == 2
+    rows = {(x["mode"], x["frames"]): x for x in data["results"]}
+    assert set(rows) == {(m, f) for m in ("vanilla", "peer", "mrsp-1", "mrsp") for f in (4, 8)}
+    G = 3
+    for (mode, frames), x in rows.items():
+        assert FIELDS <= set(x) and not x["oom"]
+        assert set(x["breakdown"]) == {"vision", "rollout", "old", "ref", "update"}
+        assert x["seconds_per_step"] > 0
+        # per video per step: vanilla encodes for each rollout and each sequence of 3 forwards
+        expected = {"vanilla": 4 * G, "peer": 1 + 3 * G, "mrsp-1": 1, "mrsp": 1}[mode]
+        assert x["vision_encodes_per_video"] == expected, (mode, frames, x["vision_encodes_per_video"])
+        # every mode computed the same first-step loss from the same rollouts and weights
+        assert abs(x["first_step_loss"] - rows[("vanilla", frames)]["first_step_loss"]) <= 1e-4
+    assert rows[("mrsp", 8)]["video_tokens"] == 2 * rows[("mrsp", 4)]["video_tokens"]
+    assert any(k.startswith("mrsp_over_vanilla@") for k in data["speedups"])
