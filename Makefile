@@ -13,7 +13,7 @@ export DS_BUILD_OPS ?= 0
 export OMP_NUM_THREADS ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: install test test-unit test-integration demo lock clean
+.PHONY: install test test-unit test-integration demo bench lock clean
 
 install: $(STAMP)
 
@@ -37,9 +37,17 @@ test-integration: install
 lock: install
 	$(LVR) lock
 
+# The whole pipeline on synthetic videos with tiny local models (CPU, minutes; see README).
 demo: install
 	$(LVR) synth recipes/demo/synth.toml output.overwrite=true
-	@echo "demo: synthetic data in runs/demo/data (see README: What the demo shows)"
+	$(LVR) filter recipes/demo/filter.toml output.overwrite=true
+	$(LVR) sft recipes/demo/sft.toml output.overwrite=true
+	$(LVR) rl recipes/demo/rl.toml model.path=runs/demo/sft/final output.overwrite=true
+	$(LVR) eval recipes/demo/eval.toml model.path=runs/demo/rl/final output.overwrite=true
+	$(PY) -m lvr_cli.demo_summary runs/demo
+
+bench: install
+	$(LVR) bench-mrsp recipes/demo/bench.toml output.overwrite=true
 
 clean:
 	rm -rf runs .cache $(VENV)

@@ -249,6 +249,12 @@ class FilterRecipe(Recipe):
     launch: LaunchSection = LaunchSection()
     hub: HubSection = HubSection()
 
+    @model_validator(mode="after")
+    def _grid(self):
+        if self.world_size() % self.mrsp.sp_size:
+            raise ValueError(f"mrsp.sp_size: {self.mrsp.sp_size} does not divide the world size {self.world_size()}")
+        return self
+
 
 class EvalDuringTrain(Section):
     input: str | None = None
