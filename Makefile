@@ -40,6 +40,10 @@ lock: install
 # The whole pipeline on synthetic videos with tiny local models (CPU, minutes; see README).
 demo: install
 	$(LVR) synth recipes/demo/synth.toml output.overwrite=true
+	$(LVR) caption recipes/demo/caption.toml output.overwrite=true
+	@# generate-qa talks HTTP to the demo's stand-in for a reasoning LLM (answers from the ground truth)
+	$(PY) -m stages.data.gt_server --data runs/demo/data --port 8765 & pid=$$!; sleep 2; \
+	  $(LVR) generate-qa recipes/demo/generate_qa.toml output.overwrite=true; rc=$$?; kill $$pid; exit $$rc
 	$(LVR) filter recipes/demo/filter.toml output.overwrite=true
 	$(LVR) sft recipes/demo/sft.toml output.overwrite=true
 	$(LVR) rl recipes/demo/rl.toml model.path=runs/demo/sft/final output.overwrite=true

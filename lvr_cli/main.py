@@ -53,7 +53,12 @@ def run_stage(stage: str, module: str, path: Path, overrides: list[str] | None,
         run = RunDir(default_output_dir(recipe, path), recipe).open()
     except RecipeError as e:
         fail(str(e))
-    summary = importlib.import_module(f"stages.{module}").run(recipe, run)
+    from stages.backends.base import BackendError
+
+    try:
+        summary = importlib.import_module(f"stages.{module}").run(recipe, run)
+    except BackendError as e:  # a backend the recipe describes cannot be built (bad key, URL, ...)
+        fail(f"{path}: {e}")
     summary = run.finish(summary)
     print_summary(f"lvr {stage}: {run.path}", summary)
     if summary.get("failed", 0) and not allow_failures:

@@ -218,8 +218,6 @@ def bench_mode(name, frames, recipe, adapter, ref, grids, initial, memory, ref_r
 
 def run(recipe, run) -> dict:
     b = recipe.bench
-    if "mrsp-shared" in b.modes:
-        raise ValueError("bench.modes: 'mrsp-shared' needs the shared-prompt forwards (issue 8), not built yet")
     grids = {"one": init_grid(1, recipe.launch.backend, recipe.launch.timeout_s),
              "sp": init_grid(recipe.mrsp.sp_size, recipe.launch.backend, recipe.launch.timeout_s)}
     grid: Grid = grids["sp"]

@@ -72,3 +72,17 @@ def test_rundir_refuses_to_clobber_finished_and_resumes_unfinished(tmp_path):
     assert fresh.path == out
     lines = (out / "env.json").read_text()
     assert '"world_size": 1' in lines
+
+
+def test_backend_that_cannot_be_built_exits_2_with_one_line(lvr, tmp_path):
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text('{"video_id": "v", "video": "v.mp4", "duration_s": 10, "fps": 2, "clips": [{"index": 0, "start_s": 0, "end_s": 10, "caption": "a red screen"}]}\n')
+    recipe = tmp_path / "qa.toml"
+    recipe.write_text(f'stage = "generate-qa"\n[data]\ninput = "{captions}"\n[backend]\nkind = "openai"\n'
+                      f'base_url = "http://127.0.0.1:9/v1"\nmodel = "m"\napi_key_env = "LVR_TEST_UNSET_KEY"\n'
+                      f'[output]\ndir = "{tmp_path / "run"}"\n')
+    r = lvr("generate-qa", recipe)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "backend.api_key_env" in last and "LVR_TEST_UNSET_KEY" in last
+    assert "Traceback" not in r.stderr
