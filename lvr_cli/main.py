@@ -186,7 +186,7 @@ def version() -> None:
 @app.command()
 def env() -> None:
     """Print versions, git commit and devices as JSON."""
-    from lvr_cli.rundir import environment
+    from stages.env import environment
 
     typer.echo(json.dumps(environment(), indent=2))
 

@@ -147,6 +147,13 @@ class Recipe(Section):
         launch = getattr(self, "launch", None)
         return launch.nproc_per_node * launch.nnodes if launch else 1
 
+    @model_validator(mode="after")
+    def _sp_divides_world(self):
+        mrsp = getattr(self, "mrsp", None)
+        if mrsp is not None and self.world_size() % mrsp.sp_size:
+            raise ValueError(f"mrsp.sp_size: {mrsp.sp_size} does not divide the world size {self.world_size()}")
+        return self
+
 
 class SynthSpec(Section):
     videos: PosInt = 24
@@ -249,12 +256,6 @@ class FilterRecipe(Recipe):
     launch: LaunchSection = LaunchSection()
     hub: HubSection = HubSection()
 
-    @model_validator(mode="after")
-    def _grid(self):
-        if self.world_size() % self.mrsp.sp_size:
-            raise ValueError(f"mrsp.sp_size: {self.mrsp.sp_size} does not divide the world size {self.world_size()}")
-        return self
-
 
 class EvalDuringTrain(Section):
     input: str | None = None
@@ -277,11 +278,8 @@ class _Trainer(Recipe):
     hub: HubSection = HubSection()
 
     @model_validator(mode="after")
-    def _grid(self):
-        world = self.world_size()
-        if world % self.mrsp.sp_size:
-            raise ValueError(f"mrsp.sp_size: {self.mrsp.sp_size} does not divide the world size {world}")
-        dp = world // self.mrsp.sp_size
+    def _batch(self):
+        dp = max(1, self.world_size() // self.mrsp.sp_size)
         if self.train.global_batch % (self.train.micro_batch_per_rank * dp):
             raise ValueError(
                 f"train.global_batch: {self.train.global_batch} is not divisible by "
@@ -323,7 +321,7 @@ class RLRecipe(_Trainer):
     def _group(self):
         if self.rollout.n < 2:
             raise ValueError("rollout.n: GRPO needs at least 2 rollouts per question")
-        per_rank = self.train.global_batch // (self.world_size() // self.mrsp.sp_size)
+        per_rank = self.train.global_batch // max(1, self.world_size() // self.mrsp.sp_size)
         if per_rank % (self.algo.mini_batches * self.train.micro_batch_per_rank):
             raise ValueError(f"algo.mini_batches: {per_rank} questions per rank per step do not split into "
                              f"{self.algo.mini_batches} mini-batches of micro-batches of "
@@ -361,12 +359,6 @@ class EvalRecipe(Recipe):
     mrsp: MrspSection = MrspSection()
     launch: LaunchSection = LaunchSection()
 
-    @model_validator(mode="after")
-    def _grid(self):
-        if self.world_size() % self.mrsp.sp_size:
-            raise ValueError(f"mrsp.sp_size: {self.mrsp.sp_size} does not divide the world size {self.world_size()}")
-        return self
-
 
 BenchMode = Literal["vanilla", "peer", "mrsp-1", "mrsp", "mrsp-shared"]
 
@@ -393,9 +385,7 @@ class BenchRecipe(Recipe):
     launch: LaunchSection = LaunchSection()
 
     @model_validator(mode="after")
-    def _grid(self):
-        if self.world_size() % self.mrsp.sp_size:
-            raise ValueError(f"mrsp.sp_size: {self.mrsp.sp_size} does not divide the world size {self.world_size()}")
+    def _modes(self):
         if "mrsp-shared" in self.bench.modes:
             raise ValueError("bench.modes: 'mrsp-shared' needs the shared-prompt forwards (issue 8), not built yet")
         return self

@@ -10,54 +10,18 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
-import socket
-import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from lvr_cli.recipes import Recipe, RecipeError, recipe_hash, resolved
 from stages.data.records import JsonlAppender
+from stages.env import environment
 
 
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment(world_size: int = 1) -> dict:
-    """Versions, git commit, devices and world size (what lm-evaluation-harness records)."""
-    import importlib.metadata as md
-
-    versions = {}
-    for pkg in ("lvr", "torch", "transformers", "deepspeed", "pydantic", "decord", "av", "vllm", "tokenizers"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    devices: dict = {"cpu_count": os.cpu_count()}
-    try:
-        import torch
-
-        devices["cuda"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        devices["torch_threads"] = torch.get_num_threads()
-    except Exception:  # torch missing or a broken CUDA install: report what we can
-        devices["cuda"] = []
-    return {
-        "python": platform.python_version(), "platform": platform.platform(), "hostname": socket.gethostname(),
-        "versions": versions, "git_commit": git_commit(), "devices": devices, "world_size": world_size,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
 
 
 class RunDir:

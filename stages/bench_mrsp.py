@@ -36,13 +36,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from stages.algo.grpo import aggregate, group_advantages, kl_penalty, policy_loss
+from stages.algo.grpo import group_advantages, grpo_loss, pad_rows
 from stages.models.adapter import VLAdapter, load_adapter, load_model
 from stages.models.patchify import patchify
 from stages.mrsp.dist import Grid, init_grid
-from stages.mrsp.rollout import RolloutPrompt, Sampling
-from stages.mrsp.runtime import Mode, Runtime, Sample, VideoInput, question_messages
-from stages.rl import pad_rows
+from stages.mrsp.rollout import Sampling
+from stages.mrsp.runtime import Mode, Runtime, Sample, VideoInput
+from stages.mrsp.trainer import average_gradients
 
 MODES = {"vanilla": ("vanilla", False), "peer": ("peer", True), "mrsp-1": ("mrsp", False), "mrsp": ("mrsp", True)}
 PHASES = ("vision", "rollout", "old", "ref", "update")
@@ -58,7 +58,7 @@ class Phase:
     def __init__(self, timers: dict, name: str, rt: Runtime):
         self.timers, self.name, self.rt = timers, name, rt
 
-    def __enter__(self):
+    def __enter__(self) -> "Phase":
         self.t, self.enc = time.perf_counter(), self.rt.cache.encode_seconds
         return self
 
@@ -112,13 +112,11 @@ def synthetic_sample(rt: Runtime, frames: int, size: int, index: int) -> Sample:
     times = [i * 0.5 for i in range(frames)]
     video = VideoInput(f"bench-{index}-{frames}-{size}", pixels, grid_thw, times, rt.adapter.second_per_grid(2.0))
     record = {"problem_id": f"q{index}", "problem": "What happens in the video?\nA. a\nB. b\nC. c\nD. d"}
-    ids = rt.adapter.prompt_ids(question_messages(record), [(grid_thw, times)])
-    pos, deltas = rt.adapter.positions(torch.tensor(ids)[None], [grid_thw], [video.seconds_per_grid])
-    return Sample(record["problem_id"], record, video, RolloutPrompt(record["problem_id"], torch.tensor(ids),
-                                                                    pos[:, 0], int(deltas.reshape(-1)[0]), []))
+    return rt.sample_of(record, video, record["problem_id"])
 
 
-def step_loss(rt: Runtime, ref: VLAdapter, samples, responses, rewards, G, algo, timers, memory, cap, optimizer=None):
+def step_loss(rt: Runtime, ref: VLAdapter, samples, responses, rewards, G, algo, timers, memory, cap,
+              optimizer=None) -> float:
     """Old + reference + update forwards of one step; return the update loss (summed over questions)."""
     old, refs = [], []
     with torch.no_grad():
@@ -128,28 +126,19 @@ def step_loss(rt: Runtime, ref: VLAdapter, samples, responses, rewards, G, algo,
                     out.append(rt.logprobs(s, resp, model=model)[0])
             check_cap(memory, cap)
     adv = group_advantages(rewards, G, scale_by_std=algo.scale_by_std)
-    update = Phase(timers, "update", rt).__enter__()
     total = 0.0
-    for q, (s, resp) in enumerate(zip(samples, responses)):
-        lp, mask = pad_rows(rt.logprobs(s, resp)[0])
-        old_lp, _ = pad_rows(old[q])
-        ref_lp, _ = pad_rows(refs[q])
-        loss, _ = policy_loss(lp, old_lp, adv[q * G:(q + 1) * G], mask, algo.clip_low, algo.clip_high,
-                              algo.dual_clip, algo.loss_agg)
-        loss = loss + algo.kl_coef * aggregate(kl_penalty(lp, ref_lp, algo.kl_kind), mask, algo.loss_agg)
-        (loss * rt.sp_grid.sp_size).backward()
-        total += float(loss.detach())
-    if optimizer is not None:
-        if rt.grid.world_size > 1:
-            for p in rt.adapter.model.parameters():
-                if p.requires_grad:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    dist.all_reduce(p.grad)
-                    p.grad /= rt.grid.world_size
-        optimizer.step()
-    rt.adapter.model.zero_grad(set_to_none=True)
-    update.__exit__()
+    with Phase(timers, "update", rt):
+        for q, (s, resp) in enumerate(zip(samples, responses)):
+            lp, mask = pad_rows(rt.logprobs(s, resp)[0])
+            loss, _ = grpo_loss(lp, pad_rows(old[q])[0], pad_rows(refs[q])[0], adv[q * G:(q + 1) * G], mask,
+                                algo.clip_low, algo.clip_high, algo.dual_clip, algo.loss_agg, algo.kl_coef,
+                                algo.kl_kind)
+            (loss * rt.sp_grid.sp_size).backward()
+            total += float(loss.detach())
+        if optimizer is not None:
+            average_gradients([p for p in rt.adapter.model.parameters() if p.requires_grad], rt.grid)
+            optimizer.step()
+        rt.adapter.model.zero_grad(set_to_none=True)
     check_cap(memory, cap)
     return total
 
@@ -178,6 +167,13 @@ def bench_mode(name, frames, recipe, adapter, ref, grids, initial, memory, ref_r
             rt.reset_counters()
             memory.reset()
             samples = [synthetic_sample(rt, frames, b.frame_size, q) for q in qids]
+            rewards = torch.rand(len(samples) * G, generator=torch.Generator().manual_seed(step))
+            if step == 0:  # the parity check: same rollouts, same weights -> same loss in every mode
+                losses.append(step_loss(rt, ref, samples, ref_responses(qids), rewards, G, algo,
+                                        dict.fromkeys(PHASES, 0.0), memory, None))
+                rt.new_step()  # the timed step starts cold: no embedding cached, counters at zero
+                rt.reset_counters()
+                memory.reset()
             t0 = time.perf_counter()
             with torch.no_grad(), Phase(timers, "rollout", rt):
                 if mode_name == "mrsp":  # encode once (sharded over the SP group), reused below
@@ -190,17 +186,8 @@ def bench_mode(name, frames, recipe, adapter, ref, grids, initial, memory, ref_r
                 groups = rt.generate(samples, G, sampling)
             check_cap(memory, b.memory_cap_gb)
             responses = [[r.token_ids for r in g] for g in groups]
-            rewards = torch.rand(len(samples) * G, generator=torch.Generator().manual_seed(step))
-            pre_check = rt.counters()["vision_encodes"]
-            if step == 0:  # the parity check: same rollouts, same weights -> same loss in every mode
-                chk = dict.fromkeys(PHASES, 0.0)
-                losses.append(step_loss(rt, ref, samples, ref_responses(qids), rewards, G, algo, chk, memory, None))
-                enc = rt.counters()["vision_encodes"] - pre_check
-                rt.cache.vision_encodes -= enc  # the check's encodes are not part of the step
             step_loss(rt, ref, samples, responses, rewards, G, algo, timers, memory, b.memory_cap_gb, opt)
             elapsed = time.perf_counter() - t0
-            if step == 0:
-                elapsed -= sum(chk.values())
             if step >= b.warmup_steps:
                 times.append((elapsed, timers))
             counters = rt.counters()
@@ -289,7 +276,7 @@ def report(recipe, run, grid: Grid, results: list[dict]) -> dict:
                     speedups[f"{best}_over_{other}@{f}"] = round(row[other]["seconds_per_step"]
                                                                 / row[best]["seconds_per_step"], 2)
     if grid.is_main:
-        from lvr_cli.rundir import environment  # noqa: only for the machine description
+        from stages.env import environment
 
         out = Path(b.out_dir)
         out.mkdir(parents=True, exist_ok=True)

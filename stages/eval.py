@@ -264,12 +264,6 @@ def _barrier(grid) -> None:
 
 
 # -- the stage ---------------------------------------------------------------------------------------
-def response_text(tokenizer, eos_ids: tuple, token_ids: list[int]) -> str:
-    """The response as the answer extraction reads it: decoded, without its stop token."""
-    ids = token_ids[:-1] if token_ids and token_ids[-1] in eos_ids else token_ids
-    return tokenizer.decode(ids, skip_special_tokens=False)
-
-
 def run(recipe, run) -> dict:
     from stages.models.adapter import load_adapter
     from stages.mrsp.dist import init_grid
@@ -301,7 +295,6 @@ def run(recipe, run) -> dict:
                                recipe.model.attn_implementation)
         adapter.model.eval()
         rt = Runtime.from_recipe(adapter, grid, recipe)
-        eos_ids = (rt.eos_id, adapter.tokenizer.eos_token_id)
         gen = recipe.generation
         sampling = Sampling(gen.temperature, 1.0, gen.max_new_tokens, seed=recipe.seed * 1_009 + grid.dp_rank)
         part = run.path / (PREDICTIONS if grid.dp_size == 1 else f"predictions.dp{grid.dp_rank}.jsonl")
@@ -323,7 +316,7 @@ def run(recipe, run) -> dict:
                                 run.error(it.key, f"{type(e).__name__}: {e}", frames=frames, video=it.video)
                     groups = rt.generate([s for _, s in samples], 1, sampling) if samples else []
                     for (it, _), (r,) in zip(samples, groups):
-                        text = response_text(adapter.tokenizer, eos_ids, r.token_ids)
+                        text = rt.response_text(r.token_ids)
                         if writer:
                             writer.write(prediction_row(it, frames, text, r.finished, len(r.token_ids)))
                     bar.advance(len(batch))

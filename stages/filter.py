@@ -47,7 +47,6 @@ from stages.mrsp.dist import Grid, even_splits, init_grid
 from stages.mrsp.rollout import Sampling
 from stages.mrsp.runtime import Runtime
 from stages.mrsp.trainer import model_dtype
-from stages.rl import response_text
 
 CATEGORIES = ("temporal", "goal", "spatial", "plot")
 SCORES, SAMPLES = "scores.jsonl", "samples.jsonl"
@@ -222,7 +221,7 @@ def _score_one(rt: Runtime, recipe, video_dir: str, key: str, rec: dict, last_vi
             rt.new_step()
         sampling = Sampling(spec.temperature, 1.0, spec.max_new_tokens, seed=item_seed(recipe.seed, key))
         group = rt.generate([sample], spec.samples, sampling)[0]
-        texts = [response_text(rt, r.token_ids) for r in group]
+        texts = [rt.response_text(r.token_ids) for r in group]
         score, parts = score_item(texts, rec)
     except (VideoDecodeError, RecordError, KeyError, ValueError) as e:
         reason = f"{type(e).__name__}: {e}" if not isinstance(e, VideoDecodeError) else str(e)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from stages.algo.grpo import aggregate, group_advantages, kl_in_reward, kl_penalty, masked_mean, policy_loss
+from stages.algo.grpo import group_advantages, grpo_loss, kl_in_reward, masked_mean, pad_rows
 from stages.algo.rewards import combined_reward
 from stages.data.records import read_jsonl
 from stages.data.video import VideoDecodeError
@@ -35,24 +35,6 @@ from stages.mrsp.trainer import (TrainEngine, dp_mean, model_dtype, resume, save
 
 
 CATEGORIES = ("temporal", "goal", "spatial", "plot")
-
-
-def response_text(rt: Runtime, token_ids: list[int]) -> str:
-    """The response as the reward functions read it: decoded, without its stop token."""
-    ids = token_ids[:-1] if token_ids and token_ids[-1] in (rt.eos_id, rt.adapter.tokenizer.eos_token_id) else token_ids
-    return rt.adapter.tokenizer.decode(ids, skip_special_tokens=False)
-
-
-def pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`[B, T]` values and mask of ragged 1-D tensors (T = the longest; at least 1)."""
-    T = max([r.shape[0] for r in rows] + [1])
-    vals = torch.zeros(len(rows), T, dtype=rows[0].dtype if rows else torch.float32)
-    mask = torch.zeros(len(rows), T, dtype=torch.bool)
-    out = []
-    for b, r in enumerate(rows):
-        mask[b, :r.shape[0]] = True
-        out.append(torch.cat([r, r.new_zeros(T - r.shape[0])]) if r.shape[0] < T else r)
-    return (torch.stack(out) if out else vals), mask
 
 
 def run(recipe, run) -> dict:
@@ -87,8 +69,7 @@ def run(recipe, run) -> dict:
             metrics = train_step(recipe, run, rt, ref, engine, records, video_dir, step, G, algo, per_rank, micro)
             history.append(metrics)
             run.metric(step + 1, **metrics)
-            if (step + 1) % recipe.checkpoint.every_steps == 0 or step + 1 == recipe.train.steps:
-                save_checkpoint(engine, adapter, run.path, recipe, step + 1)
+            save_checkpoint(engine, adapter, run.path, recipe, step + 1)
             bar.advance()
     final = save_final(adapter, run.path, recipe.model.path, grid)
     if grid.is_main:
@@ -135,7 +116,7 @@ def train_step(recipe, run, rt: Runtime, ref: VLAdapter | None, engine: TrainEng
     rewards, parts = [], []
     for s, g in zip(samples, groups):
         for r in g:
-            text = response_text(rt, r.token_ids)
+            text = rt.response_text(r.token_ids)
             rw = combined_reward(text, s.record["answer"], options=s.record.get("options"),
                                  format_weight=recipe.reward.format_weight,
                                  accuracy_weight=recipe.reward.accuracy_weight)
@@ -168,35 +149,27 @@ def train_step(recipe, run, rt: Runtime, ref: VLAdapter | None, engine: TrainEng
     # 6. clipped objective + KL, ppo_epochs x mini_batches optimizer steps
     t = time.perf_counter()
     stats_acc: dict[str, list[float]] = {}
-    order = list(range(len(samples)))
-    mb_size = max(1, per_rank // algo.mini_batches)
+    kl_ref = ref is not None and not algo.kl_in_reward
     for _ in range(algo.ppo_epochs):
-        for m0 in range(0, per_rank, mb_size):
-            for u0 in range(m0, m0 + mb_size, micro):
-                idx = [q for q in order[u0:u0 + micro] if q < len(samples)]
-                loss = torch.zeros((), requires_grad=True)
-                for q in idx:
-                    lp_list, ent_list = rt.logprobs(samples[q], responses[q], entropy=True)
-                    lp, mask = pad_rows(lp_list)
-                    old_lp, _ = pad_rows(old[q])
-                    mask = mask & bool(keep_group[q])
-                    a = adv[q * G:(q + 1) * G]
-                    pl, st = policy_loss(lp, old_lp, a, mask, algo.clip_low, algo.clip_high, algo.dual_clip,
-                                         algo.loss_agg)
-                    total = pl
-                    if ref is not None and not algo.kl_in_reward:
-                        ref_lp, _ = pad_rows(refs[q])
-                        kl = aggregate(kl_penalty(lp, ref_lp, algo.kl_kind), mask, algo.loss_agg)
-                        total = total + algo.kl_coef * kl
-                        stats_acc.setdefault("kl", []).append(float(kl.detach()))
-                    ent, _ = pad_rows(ent_list)
-                    stats_acc.setdefault("entropy", []).append(float(masked_mean(ent.detach(), mask)))
-                    stats_acc.setdefault("loss", []).append(float(total.detach()))
-                    for k, v in st.items():
-                        stats_acc.setdefault(k, []).append(float(v))
-                    loss = loss + total / len(idx)
-                engine.backward(loss)
-                engine.step()
+        # A micro-batch per `micro` question slots, so the optimizer steps on the same
+        # boundaries even when a question's video failed to load (its slot is empty).
+        for u0 in range(0, per_rank, micro):
+            idx = range(u0, min(u0 + micro, len(samples)))
+            loss = torch.zeros((), requires_grad=True)
+            for q in idx:
+                lp_list, ent_list = rt.logprobs(samples[q], responses[q], entropy=True)
+                lp, mask = pad_rows(lp_list)
+                mask = mask & bool(keep_group[q])
+                total, st = grpo_loss(lp, pad_rows(old[q])[0], pad_rows(refs[q])[0] if kl_ref else None,
+                                      adv[q * G:(q + 1) * G], mask, algo.clip_low, algo.clip_high, algo.dual_clip,
+                                      algo.loss_agg, algo.kl_coef, algo.kl_kind)
+                st["entropy"] = float(masked_mean(pad_rows(ent_list)[0].detach(), mask))
+                st["loss"] = float(total.detach())
+                for k, v in st.items():
+                    stats_acc.setdefault(k, []).append(float(v))
+                loss = loss + total / len(idx)
+            engine.backward(loss)
+            engine.step()
     timers["update"] = time.perf_counter() - t
 
     # 7. metrics and samples

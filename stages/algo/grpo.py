@@ -38,7 +38,7 @@ exactly 0.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -241,3 +241,42 @@ def kl_in_reward(
         kl = kl_penalty(logp, ref_logp, kind)
         kl_sum = torch.where(mask.bool(), kl, torch.zeros_like(kl)).sum(dim=1)
         return rewards.to(kl_sum.dtype) - coef * kl_sum
+
+
+def pad_rows(rows: List[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Return `[B, T]` values and a bool mask of ragged 1-D tensors (T = the longest, >= 1)."""
+    T = max([r.shape[0] for r in rows] + [1])
+    mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        mask[b, :r.shape[0]] = True
+    if not rows:
+        return torch.zeros(0, T), mask
+    vals = torch.stack([torch.cat([r, r.new_zeros(T - r.shape[0])]) for r in rows])
+    return vals, mask
+
+
+def grpo_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    ref_logp: Optional[Tensor],
+    advantages: Tensor,
+    mask: Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: Optional[float] = None,
+    agg: str = "token-mean",
+    kl_coef: float = 0.0,
+    kl_kind: str = "k3",
+) -> Tuple[Tensor, Dict[str, float]]:
+    """Return the GRPO loss of one group: `policy_loss` plus `kl_coef` x the aggregated
+    `kl_penalty` to the reference (left out when `ref_logp` is None), and its stats
+    (`policy_loss`'s plus `kl` when the KL term is on).
+
+    logp, old_logp, ref_logp, mask: [G, T]; advantages: [G].
+    """
+    loss, stats = policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg)
+    if ref_logp is not None:
+        kl = aggregate(kl_penalty(logp, ref_logp, kl_kind), mask, agg)
+        loss = loss + kl_coef * kl
+        stats["kl"] = float(kl.detach())
+    return loss, stats

@@ -67,6 +67,36 @@ def one_line(text: str, limit: int = 200) -> str:
     return squeezed if len(squeezed) <= limit else squeezed[: limit - 3] + "..."
 
 
+def release_memory() -> None:
+    """Give back what a closed model held (Python garbage, the CUDA cache)."""
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def map_video_parts(messages: list[dict[str, Any]], convert) -> list[dict[str, Any]]:
+    """`messages` with every `{"type": "video"}` content part replaced by the list of parts
+    `convert(part)` returns; other messages and parts are kept as they are."""
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if not isinstance(content, list):
+            out.append(message)
+            continue
+        parts: list[dict[str, Any]] = []
+        for part in content:
+            is_video = isinstance(part, dict) and part.get("type") == "video"
+            parts.extend(convert(part) if is_video else [part])
+        out.append({**message, "content": parts})
+    return out
+
+
 def make_backend(cfg: Any) -> Backend:
     """The backend `cfg.kind` names, built from `cfg` (heavy imports happen here)."""
     kind = getattr(cfg, "kind", None)

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.backends.base import BackendError, GenRequest, GenResult, one_line
+from stages.backends.base import BackendError, GenRequest, GenResult, map_video_parts, one_line
 
 # A server asking us to wait longer than this is treated as asking for this long.
 MAX_RETRY_AFTER_S = 120.0
@@ -70,22 +70,9 @@ def _jpeg_with_av(arr: np.ndarray, quality: int) -> bytes:
 
 def to_openai_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """`messages` with each video part expanded into `image_url` JPEG data-URL parts."""
-    converted = []
-    for message in messages:
-        content = message.get("content")
-        if not isinstance(content, list):
-            converted.append(message)
-            continue
-        parts: list[dict[str, Any]] = []
-        for part in content:
-            if isinstance(part, dict) and part.get("type") == "video":
-                for frame in part.get("frames") or []:
-                    url = "data:image/jpeg;base64," + encode_jpeg_b64(frame)
-                    parts.append({"type": "image_url", "image_url": {"url": url}})
-            else:
-                parts.append(part)
-        converted.append({**message, "content": parts})
-    return converted
+    return map_video_parts(messages, lambda part: [
+        {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + encode_jpeg_b64(frame)}}
+        for frame in part.get("frames") or []])
 
 
 class _Retryable(Exception):

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.backends.base import BackendError, GenRequest, GenResult, one_line
+from stages.backends.base import BackendError, GenRequest, GenResult, one_line, release_memory
 
 # Per-frame pixel cap when a caller hands frames larger than this (Qwen2.5-VL's processor
 # default for video, 768 * 28 * 28); the caption stage already sizes frames by `video.max_pixels`.
@@ -63,16 +63,7 @@ class TransformersBackend:
 
     def close(self) -> None:
         self.model = self.adapter = None
-        try:
-            import gc
-
-            import torch
-
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:
-            pass
+        release_memory()
 
     # -- public ------------------------------------------------------------------------------
     def generate(self, requests: list[GenRequest]) -> list[GenResult]:
@@ -124,8 +115,6 @@ class TransformersBackend:
         return _Prepared(list(ids), videos)
 
     def _video(self, part: dict) -> "_Video":
-        import torch
-
         from stages.data.video import fit_size, resize_frames
         from stages.models.patchify import patchify
 

@@ -15,7 +15,7 @@ import inspect
 import time
 from typing import Any
 
-from stages.backends.base import BackendError, GenRequest, GenResult, one_line
+from stages.backends.base import BackendError, GenRequest, GenResult, map_video_parts, one_line, release_memory
 from stages.backends.openai_http import encode_jpeg_b64
 
 
@@ -48,16 +48,7 @@ class VLLMBackend:
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
         del llm
-        try:
-            import gc
-
-            import torch
-
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:
-            pass
+        release_memory()
 
     def generate(self, requests: list[GenRequest]) -> list[GenResult]:
         results: list[GenResult | None] = [None] * len(requests)
@@ -131,25 +122,17 @@ def _structured_json(schema: dict) -> dict[str, Any]:
 def _to_vllm_messages(messages: list[dict]) -> tuple[list[dict], float | None]:
     """`messages` with video parts as JPEG-frame data URLs, and the videos' fps."""
     fps_seen: set[float] = set()
-    converted = []
-    for message in messages:
-        content = message.get("content")
-        if not isinstance(content, list):
-            converted.append(message)
-            continue
-        parts = []
-        for part in content:
-            if isinstance(part, dict) and part.get("type") == "video":
-                frames = part.get("frames") or []
-                if not frames:
-                    raise ValueError("video part has no frames")
-                url = "data:video/jpeg;base64," + ",".join(encode_jpeg_b64(f) for f in frames)
-                parts.append({"type": "video_url", "video_url": {"url": url}})
-                if part.get("fps"):
-                    fps_seen.add(float(part["fps"]))
-            else:
-                parts.append(part)
-        converted.append({**message, "content": parts})
+
+    def convert(part: dict) -> list[dict]:
+        frames = part.get("frames") or []
+        if not frames:
+            raise ValueError("video part has no frames")
+        if part.get("fps"):
+            fps_seen.add(float(part["fps"]))
+        url = "data:video/jpeg;base64," + ",".join(encode_jpeg_b64(f) for f in frames)
+        return [{"type": "video_url", "video_url": {"url": url}}]
+
+    converted = map_video_parts(messages, convert)
     if len(fps_seen) > 1:
         raise ValueError(f"videos of one request have different fps: {sorted(fps_seen)}")
     return converted, (fps_seen.pop() if fps_seen else None)

@@ -50,10 +50,13 @@ class RolloutPrompt:
 
     @classmethod
     def build(cls, adapter: VLAdapter, key: str, input_ids: torch.Tensor | list[int],
-              videos: list[VideoEmbedding], seconds_per_grid: list[float] | None = None) -> "RolloutPrompt":
-        """Return the prompt of `input_ids` with its positions computed by the adapter."""
+              videos: list[VideoEmbedding], seconds_per_grid: list[float] | None = None,
+              grids: list[torch.Tensor] | None = None) -> "RolloutPrompt":
+        """Return the prompt of `input_ids` with its positions computed by the adapter
+        (`grids`: the videos' `grid_thw`, when the embeddings are not there yet)."""
         ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)
-        pos, deltas = adapter.positions(ids[None], [v.grid_thw for v in videos], seconds_per_grid)
+        grids = grids if grids is not None else [v.grid_thw for v in videos]
+        pos, deltas = adapter.positions(ids[None], grids, seconds_per_grid)
         return cls(key, ids, pos[:, 0], int(deltas.reshape(-1)[0]), list(videos))
 
 

@@ -144,12 +144,20 @@ class Runtime:
         if video_dir is not None and not path.is_absolute():
             path = Path(video_dir) / path
         video = prepare_video(self.adapter, path, max_frames or self.max_frames, self.max_pixels, self.fps)
+        return self.sample_of(record, video, key or str(record.get("problem_id", record.get("question_id", path))))
+
+    def sample_of(self, record: dict, video: VideoInput, key: str) -> Sample:
+        """Return the model inputs of `record` asked about an already prepared `video`."""
         messages = question_messages(record, self.system, self.think)
         ids = self.adapter.prompt_ids(messages, [(video.grid_thw, video.timestamps_s)])
-        key = key or str(record.get("problem_id", record.get("question_id", path)))
-        pos, deltas = self.adapter.positions(torch.tensor(ids)[None], [video.grid_thw], [video.seconds_per_grid])
-        prompt = RolloutPrompt(key, torch.tensor(ids), pos[:, 0], int(deltas.reshape(-1)[0]), [])
+        prompt = RolloutPrompt.build(self.adapter, key, ids, [], [video.seconds_per_grid], grids=[video.grid_thw])
         return Sample(key, record, video, prompt)
+
+    def response_text(self, token_ids: list[int]) -> str:
+        """A response as rewards and answer extraction read it: decoded, without its stop token."""
+        stops = (self.eos_id, self.adapter.tokenizer.eos_token_id)
+        ids = token_ids[:-1] if token_ids and token_ids[-1] in stops else token_ids
+        return self.adapter.tokenizer.decode(ids, skip_special_tokens=False)
 
     def target_ids(self, text: str) -> list[int]:
         """Token ids of an assistant reply `text`, ending with the end-of-turn token."""

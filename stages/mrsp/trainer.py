@@ -39,6 +39,17 @@ def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
     return f
 
 
+def average_gradients(params, grid: Grid) -> None:
+    """Average gradients over the whole world (a parameter without one counts as zero)."""
+    if grid.world_size == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= grid.world_size
+
+
 def trainable_parameters(model, freeze_vision: bool, freeze_llm_layers: int) -> list[torch.nn.Parameter]:
     """Freeze the vision tower and/or the first decoder layers; return what still trains."""
     if freeze_vision:
@@ -107,12 +118,7 @@ class TrainEngine:
         if not boundary:
             return False
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if self.grid.world_size > 1:
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
-                p.grad /= self.grid.world_size
+        average_gradients(params, self.grid)
         self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
         self.optimizer.step()
         self.scheduler.step()
@@ -204,11 +210,14 @@ def step_records(n_records: int, step: int, global_batch: int, seed: int, dp_ran
     `step`: a resumed run sees exactly the records an uninterrupted one would.
     """
     per_rank = global_batch // dp_size
+    first = step * global_batch + dp_rank * per_rank
+    perms: dict[int, torch.Tensor] = {}
     out = []
-    for k in range(step * global_batch + dp_rank * per_rank, step * global_batch + (dp_rank + 1) * per_rank):
+    for k in range(first, first + per_rank):
         epoch, pos = divmod(k, n_records)
-        perm = torch.randperm(n_records, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        out.append(int(perm[pos]))
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n_records, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.append(int(perms[epoch][pos]))
     return out
 
 

@@ -130,7 +130,7 @@ def test_rl_resume_after_sigkill_equals_uninterrupted(rl_runs):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "summary.json").exists()
-    r = lvr_ok("rl", recipe, f"output.dir={json.dumps(str(out))}")
+    lvr_ok("rl", recipe, f"output.dir={json.dumps(str(out))}")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed"] and summary["resumed_from"] == 2
     whole, resumed = metrics(base / "sp1"), metrics(out)

@@ -1,0 +1,45 @@
+"""Where a result came from: versions, git commit, devices, world size (recorded with every run)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(world_size: int = 1) -> dict:
+    """Versions, git commit, devices and world size (what lm-evaluation-harness records)."""
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("lvr", "torch", "transformers", "deepspeed", "pydantic", "decord", "av", "vllm", "tokenizers"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    devices: dict = {"cpu_count": os.cpu_count()}
+    try:
+        import torch
+
+        devices["cuda"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        devices["torch_threads"] = torch.get_num_threads()
+    except Exception:  # torch missing or a broken CUDA install: report what we can
+        devices["cuda"] = []
+    return {
+        "python": platform.python_version(), "platform": platform.platform(), "hostname": socket.gethostname(),
+        "versions": versions, "git_commit": git_commit(), "devices": devices, "world_size": world_size,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
