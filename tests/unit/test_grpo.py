@@ -321,3 +321,32 @@ def test_kl_in_reward_k3():
     ref = torch.tensor([[0.0, -2.0, -1.0]])
     out = kl_in_reward(torch.tensor([1.0]), logp, ref, torch.tensor([[1, 1, 0]]), 0.1, "k3")
     _close(out, [0.963212])
+
+
+def test_pad_rows_pads_ragged_rows_and_masks_them():
+    from stages.algo.grpo import pad_rows
+
+    vals, mask = pad_rows([torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4.0])])
+    assert vals.tolist() == [[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]]
+    assert mask.tolist() == [[True, True, True], [True, False, False]]
+    empty_vals, empty_mask = pad_rows([])
+    assert empty_vals.shape == (0, 1) and empty_mask.shape == (0, 1)
+
+
+def test_grpo_loss_is_policy_loss_plus_weighted_kl():
+    from stages.algo.grpo import grpo_loss
+
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]])
+    old = torch.tensor([[-1.2, -2.0], [-0.4, 0.0]])
+    ref = torch.tensor([[-1.5, -1.0], [-1.5, 0.0]])
+    mask = torch.tensor([[True, True], [True, False]])
+    adv = torch.tensor([1.0, -1.0])
+    pl, _ = grpo_loss(logp, old, None, adv, mask)
+    # token losses: max(-A r, -A clip(r)): r = e^0.2 -> clipped 1.2 for A>0 (take -1.2 vs -1.2214: max -1.2);
+    # token 2: r = 1 -> -1; row 2 token 1: r = e^-0.1 = 0.9048, A = -1 -> max(0.9048, 0.9048) = 0.9048
+    expected_pl = (-1.2 - 1.0 + math.exp(-0.1)) / 3
+    assert float(pl) == pytest.approx(expected_pl, abs=1e-6)
+    total, stats = grpo_loss(logp, old, ref, adv, mask, kl_coef=0.5, kl_kind="k1")
+    k1 = ((-1.0 + 1.5) + (-2.0 + 1.0) + (-0.5 + 1.5)) / 3  # logp - ref over the 3 masked tokens: 0.5 / 3
+    assert stats["kl"] == pytest.approx(k1, abs=1e-6)
+    assert float(total) == pytest.approx(expected_pl + 0.5 * k1, abs=1e-6)
