@@ -15,11 +15,14 @@ vanilla way say something about the 7B on GPUs.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 TINY_PREFIX = "tiny:"
@@ -227,19 +230,16 @@ def build_tiny(family: str, out_dir: Path, seed: int = 0) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if not (tmp / "config.json").exists():
+        raise RuntimeError(f"tiny model build: save_pretrained wrote no config.json to {tmp}")
     pre = vision_preprocessor_config(family, config)
     (tmp / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
     (tmp / "video_preprocessor_config.json").write_text(json.dumps(pre, indent=2))
     (tmp / "lvr_tiny.json").write_text(json.dumps({"family": family, "seed": seed,
-                                                    "builder_version": BUILDER_VERSION}))
-    if (out_dir / "lvr_tiny.json").exists():  # a concurrent builder published first: keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
-        return out_dir
-    shutil.rmtree(out_dir, ignore_errors=True)  # a half-written folder of an older, killed build
-    try:
-        tmp.rename(out_dir)  # atomic publish: a concurrent reader sees all or nothing
-    except OSError:  # another process published between the check and here
-        shutil.rmtree(tmp, ignore_errors=True)
+                                                    "builder_version": BUILDER_VERSION,
+                                                    "built_by_pid": os.getpid()}))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)  # atomic publish: a reader sees all or nothing
     return out_dir
 
 
@@ -251,7 +251,24 @@ def resolve_tiny(path: str, seed: int = 0) -> Path:
                          + ", ".join(TINY_PREFIX + f for f in FAMILIES))
     tag = hashlib.sha256(f"{family}:{seed}:{BUILDER_VERSION}".encode()).hexdigest()[:10]
     out = cache_root() / "tiny" / f"{family}-{tag}"
-    if not (out / "lvr_tiny.json").exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        build_tiny(family, out, seed=seed)
+    if (out / "lvr_tiny.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # One builder at a time across processes (ranks of a launch, parallel tests): the others
+    # wait on the lock, then find the published folder and build nothing.
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (out / "lvr_tiny.json").exists():
+                # In a fresh interpreter: inside a launch torch.distributed is initialised, and
+                # transformers' save_pretrained then writes weights and config on rank 0 only,
+                # so a builder of another rank would publish a folder without them.
+                subprocess.run([sys.executable, "-m", "stages.models.tiny", family, str(out), str(seed)],
+                               check=True, cwd=Path(__file__).resolve().parents[2])
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
     return out
+
+
+if __name__ == "__main__":  # python -m stages.models.tiny FAMILY OUT_DIR SEED (used by resolve_tiny)
+    build_tiny(sys.argv[1], Path(sys.argv[2]), seed=int(sys.argv[3]))

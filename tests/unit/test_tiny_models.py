@@ -80,3 +80,35 @@ def test_tiny_paths_resolve_and_unknown_family_errors():
     with pytest.raises(ValueError, match="unknown tiny model 'tiny:llama'"):
         resolve_tiny("tiny:llama")
     assert "qwen2.5-vl-bench" in FAMILIES
+
+
+def _resolve_in_child(cache: str, queue) -> None:
+    import os
+    os.environ["LVR_CACHE"] = cache
+    from stages.models.tiny import resolve_tiny as resolve
+    path = resolve("tiny:qwen2-vl", seed=5)
+    queue.put((str(path), json.loads((path / "lvr_tiny.json").read_text())["built_by_pid"]))
+
+
+def test_concurrent_first_use_builds_one_complete_folder(tmp_path):
+    """Ranks of a launch resolve the same tiny model at once on a cold cache: every process must
+    get a complete folder, and no builder may delete a folder another has published."""
+    import multiprocessing as mp
+
+    from transformers import AutoConfig
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_resolve_in_child, args=(str(tmp_path), queue)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+        assert p.exitcode == 0
+    seen = {queue.get(timeout=5) for _ in procs}
+    assert len(seen) == 1  # one folder, built once: no process saw a copy another later replaced
+    paths = {path for path, _ in seen}
+    folder = tmp_path / "tiny"
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == [paths.pop().rsplit("/", 1)[1]]
+    built = next(p for p in folder.iterdir() if p.is_dir())
+    assert AutoConfig.from_pretrained(built).model_type == "qwen2_vl"
