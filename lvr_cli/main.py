@@ -65,7 +65,28 @@ def run_stage(stage: str, module: str, path: Path, overrides: list[str] | None,
         typer.echo(f"{summary['failed']} input(s) failed: see {run.path / 'errors.jsonl'} "
                    "(--allow-failures to exit 0)", err=True)
         raise typer.Exit(1)
+    hub = getattr(recipe, "hub", None)
+    if hub is not None and hub.push and run.is_main:
+        push_and_report(run.path, hub.repo_id, hub.private, code=1)
     return summary
+
+
+def push_and_report(run_dir: Path, repo_id: str, private: bool, dry_run: bool = False, out: Path | None = None,
+                    include_videos: bool = False, code: int = 2) -> None:
+    """Push a run (or stage it, on a dry run) and say what happened in one line."""
+    from lvr_cli.hub import PushError, push_run
+
+    try:
+        r = push_run(run_dir, repo_id, private, dry_run, out, include_videos)
+    except ValueError as e:  # a run that cannot be pushed (`code` 1 after a stage, whose run is done)
+        fail(str(e), code)
+    except PushError as e:
+        fail(str(e), 1)
+    what = f"{len(r.staged.files)} files for {r.staged.repo_type} repo {repo_id}"
+    if r.dry_run_reason:
+        typer.echo(f"dry run ({r.dry_run_reason}): staged {what} in {r.staged.folder}; nothing uploaded")
+    else:
+        typer.echo(f"pushed {what}: {r.commit_url}")
 
 
 def relaunch_needed(recipe) -> bool:
@@ -173,6 +194,29 @@ def lock(check: Annotated[bool, typer.Option("--check", help="fail if recipes.lo
 def synth(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     """Generate synthetic long videos with exact ground truth in all four categories."""
     run_stage("synth", "synth", recipe, overrides)
+
+
+@app.command()
+def push(run_dir: Annotated[Path, typer.Argument(help="a finished run directory", show_default=False)],
+         repo_id: Annotated[str, typer.Option("--repo-id", help="ORG/NAME on the Hugging Face Hub", show_default=False)],
+         dry_run: Annotated[bool, typer.Option("--dry-run", help="stage the folder, upload nothing")] = False,
+         private: Annotated[bool, typer.Option("--private/--public", help="visibility of a new repo")] = True,
+         out: Annotated[Optional[Path], typer.Option(help="staging folder (default RUN_DIR/push)")] = None,
+         include_videos: Annotated[bool, typer.Option("--include-videos", help="datasets: add the videos")] = False,
+         ) -> None:
+    """Upload a run to the Hub with a card: a model (sft, rl) or a dataset (data stages, eval)."""
+    push_and_report(run_dir, repo_id, private, dry_run, out, include_videos)
+
+
+@app.command()
+def plot(run_dir: Annotated[Path, typer.Argument(help="an sft or rl run directory", show_default=False)]) -> None:
+    """Re-draw a training run's curves PNG (SFT loss, RL rewards) from its metrics.jsonl."""
+    from stages.plots import plot_run
+
+    try:
+        typer.echo(f"wrote {plot_run(run_dir)}")
+    except ValueError as e:
+        fail(str(e))
 
 
 @app.command()

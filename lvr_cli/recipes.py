@@ -67,9 +67,15 @@ class MrspSection(Section):
 
 
 class HubSection(Section):
-    repo_id: str | None = None
+    repo_id: str | None = None  # ORG/NAME
     private: bool = True
-    push: bool = False
+    push: bool = False  # push the run when the stage finishes (a dry run without a token)
+
+    @model_validator(mode="after")
+    def _push_needs_repo(self):
+        if self.push and not self.repo_id:
+            raise ValueError("repo_id: required when hub.push = true")
+        return self
 
 
 class BackendSection(Section):

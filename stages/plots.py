@@ -35,3 +35,26 @@ def plot_metrics(metrics_path: Path, out_path: Path, keys: list[str], title: str
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return Path(out_path)
+
+
+# The curves `lvr sft` and `lvr rl` draw at the end of a run: stage -> (PNG name, keys, title).
+CURVES = {
+    "sft": ("loss.png", ["loss", "eval_loss"], "CoT-SFT loss"),
+    "rl": ("rewards.png", ["reward/total", "reward/accuracy", "reward/format"], "GRPO rewards"),
+}
+
+
+def plot_run(run_dir: Path) -> Path:
+    """Re-draw a training run's curves PNG from its metrics.jsonl; `ValueError` when it cannot."""
+    run_dir = Path(run_dir)
+    try:
+        stage = json.loads((run_dir / "recipe.json").read_text())["stage"]
+    except (OSError, ValueError, KeyError):
+        raise ValueError(f"{run_dir}: no readable recipe.json (not an lvr run directory)") from None
+    if stage not in CURVES:
+        raise ValueError(f"{run_dir}: {stage} runs have no metric curves (only {' and '.join(CURVES)} runs do)")
+    name, keys, title = CURVES[stage]
+    out = plot_metrics(run_dir / "metrics.jsonl", run_dir / name, keys, title)
+    if out is None:
+        raise ValueError(f"{run_dir / 'metrics.jsonl'}: no values of {', '.join(keys)} to plot")
+    return out
