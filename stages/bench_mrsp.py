@@ -9,7 +9,9 @@ AdamW step). Modes (see `stages/mrsp/runtime.py`):
 - `peer`: what verl/EasyR1 do: one encode + prefill per prompt for the rollouts, but each
   training forward re-encodes the video for every one of the G sequences; SP forwards on;
 - `mrsp-1`: the MR-SP runtime at SP 1 (embedding encoded once per step and reused);
-- `mrsp`: the MR-SP runtime at SP = `mrsp.sp_size` (sharded encode + SP forwards).
+- `mrsp`: the MR-SP runtime at SP = `mrsp.sp_size` (sharded encode + SP forwards);
+- `mrsp-shared`: `mrsp` whose old, reference and update forwards run each question's prompt
+  once for its G responses (`stages/mrsp/shared.py`, Prefix Grouper).
 
 A step processes `launch.nproc_per_node` questions in every mode (one per data-parallel
 rank, or several in turn per SP group), so every mode does the same useful work.
@@ -44,7 +46,8 @@ from stages.mrsp.rollout import Sampling
 from stages.mrsp.runtime import Mode, Runtime, Sample, VideoInput
 from stages.mrsp.trainer import average_gradients
 
-MODES = {"vanilla": ("vanilla", False), "peer": ("peer", True), "mrsp-1": ("mrsp", False), "mrsp": ("mrsp", True)}
+MODES = {"vanilla": ("vanilla", False), "peer": ("peer", True), "mrsp-1": ("mrsp", False), "mrsp": ("mrsp", True),
+         "mrsp-shared": ("mrsp-shared", True)}
 PHASES = ("vision", "rollout", "old", "ref", "update")
 
 
@@ -176,7 +179,7 @@ def bench_mode(name, frames, recipe, adapter, ref, grids, initial, memory, ref_r
                 memory.reset()
             t0 = time.perf_counter()
             with torch.no_grad(), Phase(timers, "rollout", rt):
-                if mode_name == "mrsp":  # encode once (sharded over the SP group), reused below
+                if rt.mode.reuse_embeddings:  # encode once (sharded over the SP group), reused below
                     for s in samples:
                         rt.embed(s)
             check_cap(memory, b.memory_cap_gb)
@@ -200,7 +203,8 @@ def bench_mode(name, frames, recipe, adapter, ref, grids, initial, memory, ref_r
             "peak_memory_gb": peak, "vision_encodes_per_video": counters["vision_encodes"] / len(qids),
             "video_tokens": int(samples[0].prompt.input_ids.eq(adapter.video_token_id).sum()),
             "prompt_tokens": int(samples[0].prompt.input_ids.shape[0]), "first_step_loss": losses[0],
-            "questions_per_rank": len(qids)}
+            "questions_per_rank": len(qids), "train_forward_tokens": counters["train_forward_tokens"],
+            "train_forward_tokens_unshared": counters["train_forward_tokens_unshared"]}
 
 
 def run(recipe, run) -> dict:
@@ -270,11 +274,13 @@ def report(recipe, run, grid: Grid, results: list[dict]) -> dict:
     for f in b.frames:
         row = {r["mode"]: r for r in results if r["frames"] == f}
         best = "mrsp" if "mrsp" in row else ("mrsp-1" if "mrsp-1" in row else None)
-        if best and not row[best]["oom"]:
-            for other in ("vanilla", "peer"):
+        for fast, slower in ((best, ("vanilla", "peer")), ("mrsp-shared", ("vanilla", "peer", "mrsp"))):
+            if fast not in row or row[fast]["oom"]:
+                continue
+            for other in slower:
                 if other in row and not row[other]["oom"]:
-                    speedups[f"{best}_over_{other}@{f}"] = round(row[other]["seconds_per_step"]
-                                                                / row[best]["seconds_per_step"], 2)
+                    speedups[f"{fast}_over_{other}@{f}"] = round(row[other]["seconds_per_step"]
+                                                                / row[fast]["seconds_per_step"], 2)
     if grid.is_main:
         from stages.env import environment
 
@@ -302,19 +308,20 @@ def report(recipe, run, grid: Grid, results: list[dict]) -> dict:
 
 
 def markdown_table(results: list[dict], modes: list[str], frames: list[int]) -> str:
-    lines = ["| frames | mode | s/step | vision | rollout | old | ref | update | peak GiB/rank | encodes/video |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| frames | mode | s/step | vision | rollout | old | ref | update | peak GiB/rank | encodes/video "
+             "| forward tokens |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for f in frames:
         for m in modes:
             r = next((x for x in results if x["frames"] == f and x["mode"] == m), None)
             if r is None:
                 continue
             if r["oom"]:
-                lines.append(f"| {f} | {m} | OOM | | | | | | | |")
+                lines.append(f"| {f} | {m} | OOM | | | | | | | | |")
                 continue
             bd = r["breakdown"]
             lines.append(f"| {f} | {m} | {r['seconds_per_step']:.2f} | " + " | ".join(f"{bd[p]:.2f}" for p in PHASES)
-                         + f" | {r['peak_memory_gb']:.2f} | {r['vision_encodes_per_video']:g} |")
+                         + f" | {r['peak_memory_gb']:.2f} | {r['vision_encodes_per_video']:g} "
+                         f"| {r['train_forward_tokens']} |")
     return "\n".join(lines)
 
 

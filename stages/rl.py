@@ -13,6 +13,10 @@ Where it departs from the paper:
   split across the group. The long prefill of the training forwards is.
 - Old-policy log-probs are recomputed by a teacher-forced forward (as verl does), not taken
   from the sampler, so the ratio is exact even when the engine's numerics differ.
+- With `mrsp.shared_prompt` (the default) the old, reference and update forwards run each
+  question's prompt once for its G responses (Prefix Grouper, arXiv 2506.05433), packing the
+  groups of a micro-batch into one sequence: same log-probs and gradients, fewer tokens
+  (`train_forward_tokens` against `train_forward_tokens_unshared` in metrics).
 """
 
 from __future__ import annotations
@@ -123,17 +127,17 @@ def train_step(recipe, run, rt: Runtime, ref: VLAdapter | None, engine: TrainEng
             rewards.append(rw["total"])
             parts.append(rw)
 
-    # 4. old-policy and reference log-probs (no gradient, embedding reused)
+    # 4. old-policy and reference log-probs (no gradient, embedding reused), a micro-batch per forward
     old, refs = [], []
     with torch.no_grad():
         t = time.perf_counter()
-        for s, resp in zip(samples, responses):
-            old.append(rt.logprobs(s, resp)[0])
+        for u in range(0, len(samples), micro):
+            old += rt.group_logprobs(samples[u:u + micro], responses[u:u + micro])[0]
         timers["old"] = time.perf_counter() - t
         t = time.perf_counter()
         if ref is not None:
-            for s, resp in zip(samples, responses):
-                refs.append(rt.logprobs(s, resp, model=ref)[0])
+            for u in range(0, len(samples), micro):
+                refs += rt.group_logprobs(samples[u:u + micro], responses[u:u + micro], model=ref)[0]
         timers["ref"] = time.perf_counter() - t
 
     # 5. advantages (KL folded into the reward when asked)
@@ -156,8 +160,8 @@ def train_step(recipe, run, rt: Runtime, ref: VLAdapter | None, engine: TrainEng
         for u0 in range(0, per_rank, micro):
             idx = range(u0, min(u0 + micro, len(samples)))
             loss = torch.zeros((), requires_grad=True)
-            for q in idx:
-                lp_list, ent_list = rt.logprobs(samples[q], responses[q], entropy=True)
+            lps, ents = rt.group_logprobs([samples[q] for q in idx], [responses[q] for q in idx], entropy=True)
+            for q, lp_list, ent_list in zip(idx, lps, ents):
                 lp, mask = pad_rows(lp_list)
                 mask = mask & bool(keep_group[q])
                 total, st = grpo_loss(lp, pad_rows(old[q])[0], pad_rows(refs[q])[0] if kl_ref else None,

@@ -32,12 +32,15 @@ from stages.mrsp.ulysses import sp_attention
 class TokenBatch:
     """Right-padded sequences: `input_ids [B, L]`, `position_ids [3, B, L]`, per-row video
     embeddings in order of appearance, and `score_mask [B, L]` (True where token t is scored
-    by the log-prob of position t-1)."""
+    by the log-prob of position t-1). `score_source [B, L]`, when given, names the position
+    whose hidden state scores token t instead of t-1 (a packed layout where several
+    responses continue the same prompt, `stages/mrsp/shared.py`)."""
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     videos: list[list[VideoEmbedding]]
     score_mask: torch.Tensor
+    score_source: torch.Tensor | None = None
 
     @classmethod
     def from_rows(cls, rows: list[tuple[torch.Tensor, torch.Tensor, list[VideoEmbedding], torch.Tensor]],
@@ -81,9 +84,10 @@ def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.T
 
 
 def token_logprobs(adapter: VLAdapter, batch: TokenBatch, grid: Grid | None = None, chunk_tokens: int = 1024,
-                   entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   entropy: bool = False, attend=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Return `(logp [B, L], entropy [B, L] or None)`: at scored positions t, the log-prob of
-    `input_ids[:, t]` given the tokens before it (zeros elsewhere)."""
+    `input_ids[:, t]` given the tokens before it (zeros elsewhere). `attend`: the attention
+    over the whole sequence for the local heads (`ulysses.sp_attention`), default causal."""
     grid = grid or Grid()
     sp, group = grid.sp_size, grid.sp_group
     ids, pos, mask = batch.input_ids, batch.position_ids, batch.score_mask
@@ -95,16 +99,21 @@ def token_logprobs(adapter: VLAdapter, batch: TokenBatch, grid: Grid | None = No
     mask = pad_sequence_dim(mask, L, False)
     start, stop = shard_range(L, sp, grid.sp_rank)
     pieces = _rows_for_slice(adapter, ids, batch.videos, start, stop)
-    with sp_attention(adapter.model, group):
+    with sp_attention(adapter.model, group, attend):
         hidden, _ = adapter.hidden_states(ids[:, start:stop], pos[:, :, start:stop], pieces or None)
 
-    # local hidden j (global start + j) predicts token start + j + 1
-    nxt = torch.zeros_like(mask)
-    nxt[:, :-1] = mask[:, 1:]
-    local = nxt[:, start:stop]
-    b_idx, j_idx = local.nonzero(as_tuple=True)
-    targets = ids[b_idx, start + j_idx + 1]
-    h = hidden[b_idx, j_idx]
+    # scored token t is predicted by the hidden state of position source[t] (t - 1 by default);
+    # this rank scores the tokens whose source lies in its slice
+    if batch.score_source is None:
+        source = (torch.arange(L, device=ids.device) - 1).expand(B, L)
+    else:
+        source = pad_sequence_dim(batch.score_source, L, -1)
+    b_idx, t_idx = mask.nonzero(as_tuple=True)
+    s_idx = source[b_idx, t_idx]
+    local = (s_idx >= start) & (s_idx < stop)
+    b_idx, t_idx, s_idx = b_idx[local], t_idx[local], s_idx[local]
+    targets = ids[b_idx, t_idx]
+    h = hidden[b_idx, s_idx - start]
     head = adapter.lm_head
     outs = []
     # At least one (possibly empty) chunk: a rank with no scored token must still be part of
@@ -117,7 +126,7 @@ def token_logprobs(adapter: VLAdapter, batch: TokenBatch, grid: Grid | None = No
             outs.append(_chunk_logprobs(*args))
     width = 2 if entropy else 1
     vals = torch.cat(outs)
-    flat = b_idx * L + start + j_idx + 1
+    flat = b_idx * L + t_idx
     dense = vals.new_zeros(B * L, width).index_put((flat,), vals).view(B, L, width)
     dense = sum_disjoint(dense, group)[:, :L0]
     return dense[..., 0], (dense[..., 1] if entropy else None)

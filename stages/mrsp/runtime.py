@@ -11,14 +11,19 @@ whole-sequence positions), and runs the three things a stage asks of a video mod
   forwards, sequence-parallel over the SP group with the cached embedding (MR-SP), or one
   unsharded forward with a freshly encoded video per sequence (vanilla).
 
-How the work is done is set by three switches, so `bench-mrsp` can compare the ways the
+How the work is done is set by four switches, so `bench-mrsp` can compare the ways the
 paper and today's frameworks do it with the same code (`Mode`):
 
-| mode      | rollout encode / prefill | training forwards encode | SP forward |
-|-----------|--------------------------|--------------------------|------------|
-| vanilla   | per rollout              | per sequence             | no         |
-| peer      | per prompt               | per sequence             | yes        |
-| mrsp      | cached, once per step    | cached (reused)          | yes        |
+| mode        | rollout encode / prefill | training forwards encode | SP forward | training forwards run the prompt |
+|-------------|--------------------------|--------------------------|------------|----------------------------------|
+| vanilla     | per rollout              | per sequence             | no         | per sequence                     |
+| peer        | per prompt               | per sequence             | yes        | per sequence                     |
+| mrsp        | cached, once per step    | cached (reused)          | yes        | per sequence                     |
+| mrsp-shared | cached, once per step    | cached (reused)          | yes        | once per group (`shared.py`)     |
+
+`train_forward_tokens` counts the prompt + response tokens the training forwards ran
+through the language model, `train_forward_tokens_unshared` what they would have run with
+every sequence on its own (padding excluded in both).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from stages.mrsp.cache import EmbeddingCache
 from stages.mrsp.dist import Grid
 from stages.mrsp.logprobs import TokenBatch, token_logprobs
 from stages.mrsp.rollout import HFEngine, Rollout, RolloutPrompt, Sampling
+from stages.mrsp.shared import PromptGroup, shared_logprobs
 from stages.mrsp.vision import encode_sharded
 
 THINK_INSTRUCTION = ("Think about the question step by step inside <think> </think> tags, then give the "
@@ -50,11 +56,12 @@ class Mode:
     reuse_embeddings: bool = True  # one encode per video per step, shared by rollouts and forwards
     group_rollouts: bool = True  # one encode + prefill per prompt, G rows decoded together
     sequence_parallel: bool = True  # SP forward over the grid's SP group
+    shared_prompt: bool = True  # training forwards run a group's prompt once (needs reuse_embeddings)
 
     @classmethod
     def named(cls, name: str) -> "Mode":
-        return {"vanilla": cls(False, False, False), "peer": cls(False, True, True),
-                "mrsp": cls(True, True, True)}[name]
+        return {"vanilla": cls(False, False, False, False), "peer": cls(False, True, True, False),
+                "mrsp": cls(True, True, True, False), "mrsp-shared": cls(True, True, True, True)}[name]
 
 
 @dataclass
@@ -122,11 +129,12 @@ class Runtime:
         self.engine = HFEngine(adapter)
         self.pad_id = adapter.tokenizer.pad_token_id if adapter.tokenizer.pad_token_id is not None else 0
         self.eos_id = adapter.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.train_forward_tokens = self.train_forward_tokens_unshared = 0
 
     @classmethod
     def from_recipe(cls, adapter: VLAdapter, grid: Grid, recipe, mode: Mode | None = None) -> "Runtime":
         mrsp, video, prompt = recipe.mrsp, recipe.video, getattr(recipe, "prompt", None)
-        mode = mode or (Mode() if mrsp.enabled else Mode.named("vanilla"))
+        mode = mode or (Mode(shared_prompt=mrsp.shared_prompt) if mrsp.enabled else Mode.named("vanilla"))
         return cls(adapter, grid, mode, chunk_tokens=mrsp.logprob_chunk_tokens, max_frames=video.max_frames,
                    max_pixels=video.max_pixels, fps=video.fps, system=prompt.system if prompt else None,
                    think=prompt.think if prompt else True)
@@ -227,18 +235,42 @@ class Runtime:
                  grad_vision: bool = False, model: VLAdapter | None = None
                  ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         """Per response: log-probs `[T_r]` of its tokens (and entropies) under the current
-        weights; gradients flow when grad mode is on. MR-SP: one SP forward over the group's
-        rows with the cached embedding; otherwise one forward per sequence, each re-encoding.
+        weights; gradients flow when grad mode is on (`group_logprobs` for one sample)."""
+        lps, ents = self.group_logprobs([sample], [responses], entropy, grad_vision, model)
+        return lps[0], (ents[0] if entropy else None)
+
+    def group_logprobs(self, samples: list[Sample], responses: list[list[list[int]]], entropy: bool = False,
+                       grad_vision: bool = False, model: VLAdapter | None = None
+                       ) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]] | None]:
+        """Per sample, per response: log-probs `[T_r]` (and entropies) of teacher-forced forwards.
+        MR-SP with shared prompts: one SP forward over all the samples' groups, each prompt
+        run once (`shared.py`); MR-SP: one SP forward per sample over its group's rows, with
+        the cached embedding; otherwise one forward per sequence, each re-encoding.
         `model`: another model of the same vision tower (the frozen reference) to run instead."""
         model = model or self.adapter
-        rows = self.rows(sample, responses)
-        lengths = [len(r) for r in responses]
+        rows = [self.rows(s, resp) for s, resp in zip(samples, responses)]
+        self.train_forward_tokens_unshared += sum(len(i) for r in rows for i, _, _ in r)
+        if self.mode.reuse_embeddings and self.mode.shared_prompt and any(len(r) > 1 for r in responses):
+            groups = [PromptGroup(s.prompt.input_ids.shape[0], [(i, p) for i, p, _ in r],
+                                  [self.embed(s, grad=grad_vision)]) for s, r in zip(samples, rows)]
+            self.train_forward_tokens += sum(g.shared_tokens for g in groups)
+            return shared_logprobs(model, groups, self.sp_grid, self.chunk_tokens, entropy)
+        self.train_forward_tokens += sum(len(i) for r in rows for i, _, _ in r)
+        lps, ents = [], []
+        for s, r, resp in zip(samples, rows, responses):
+            lp, en = self._unshared_logprobs(s, r, [len(x) for x in resp], entropy, grad_vision, model)
+            lps.append(lp)
+            ents.append(en)
+        return lps, (ents if entropy else None)
+
+    def _unshared_logprobs(self, sample: Sample, rows: list[tuple], lengths: list[int], entropy: bool,
+                           grad_vision: bool, model: VLAdapter) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         if self.mode.reuse_embeddings:
             emb = self.embed(sample, grad=grad_vision)
             batch = TokenBatch.from_rows([(i, p, [emb], m) for i, p, m in rows], self.pad_id)
             logp, ent = token_logprobs(model, batch, self.sp_grid, self.chunk_tokens, entropy)
             return self._split(logp, batch.score_mask, lengths), (
-                self._split(ent, batch.score_mask, lengths) if entropy else None)
+                self._split(ent, batch.score_mask, lengths) if entropy else [])
         logps, ents = [], []
         for (i, p, m), T in zip(rows, lengths):
             emb = self.embed(sample, grad=grad_vision)
@@ -247,7 +279,7 @@ class Runtime:
             logps += self._split(lp, batch.score_mask, [T])
             if entropy:
                 ents += self._split(en, batch.score_mask, [T])
-        return logps, (ents if entropy else None)
+        return logps, ents
 
     @staticmethod
     def _split(values: torch.Tensor, mask: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:
@@ -256,8 +288,10 @@ class Runtime:
     def counters(self) -> dict:
         e = self.engine
         return {**self.cache.counters(), "prefills": e.prefills, "prefill_tokens": e.prefill_tokens,
-                "decode_steps": e.decode_steps}
+                "decode_steps": e.decode_steps, "train_forward_tokens": self.train_forward_tokens,
+                "train_forward_tokens_unshared": self.train_forward_tokens_unshared}
 
     def reset_counters(self) -> None:
         self.cache.reset_counters()
         self.engine.reset_counters()
+        self.train_forward_tokens = self.train_forward_tokens_unshared = 0

@@ -13,6 +13,11 @@ switches a model's language model to it for the duration of a forward (vision ke
 own implementation), so no model code is forked. Padding tokens appended to reach a
 multiple of the SP size sit at the end of the sequence: causal attention keeps them out of
 every real token's view.
+
+What runs between the two exchanges is plain causal attention unless `sp_attention` is
+given another `attend(q, k, v, scaling, dropout_p)` over the whole sequence for the local
+heads: the shared-prompt layout (`stages/mrsp/shared.py`) plugs in there, with or without
+an SP group (without one there is no exchange, only `attend`).
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ NAME = "lvr_ulysses"
 _state = threading.local()
 
 
-def _group():
-    return getattr(_state, "group", None)
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None,
+                     dropout_p: float) -> torch.Tensor:
+    """Plain causal attention over the whole sequence: `[B, H, L, D]` in and out."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, dropout_p=dropout_p)
 
 
 def ulysses_attention(module, query, key, value, attention_mask=None, dropout: float = 0.0,
@@ -40,11 +47,18 @@ def ulysses_attention(module, query, key, value, attention_mask=None, dropout: f
     query: `[B, Hq, Ls, D]`, key/value: `[B, Hkv, Ls, D]` (this rank's Ls tokens).
     Returns `(out [B, Ls, Hq, D], None)` like transformers' sdpa function.
     """
-    group = _group()
-    if group is None:
+    if not getattr(_state, "active", False):
         raise RuntimeError("lvr_ulysses attention used outside sp_attention()")
     if attention_mask is not None:
         raise ValueError("lvr_ulysses supports causal attention without padding masks only")
+    group, attend = _state.group, _state.attend
+    dropout_p = dropout if module.training else 0.0
+    if group is None:  # one process: no exchange, only the attention of `attend`
+        groups = query.shape[1] // key.shape[1]
+        if groups > 1:
+            key = key.repeat_interleave(groups, dim=1)
+            value = value.repeat_interleave(groups, dim=1)
+        return attend(query, key, value, scaling, dropout_p).transpose(1, 2).contiguous(), None
     sp = torch.distributed.get_world_size(group)
     B, Hq, Ls, D = query.shape
     Hkv = key.shape[1]
@@ -65,8 +79,7 @@ def ulysses_attention(module, query, key, value, attention_mask=None, dropout: f
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
-                                         dropout_p=dropout if module.training else 0.0)
+    out = attend(q, k, v, scaling, dropout_p)
     # head-sharded -> sequence-sharded
     out = all_to_all(out, group, scatter_dim=2, gather_dim=1)
     if pad:
@@ -81,18 +94,19 @@ def register() -> None:
 
 
 @contextlib.contextmanager
-def sp_attention(model, group):
-    """Run the language model of `model` with Ulysses attention over `group` (no-op if None)."""
-    if group is None:
+def sp_attention(model, group, attend=None):
+    """Run the language model of `model` with Ulysses attention over `group`, and `attend`
+    (default: `causal_attention`) over the whole sequence in between; a no-op when both are None."""
+    if group is None and attend is None:
         yield
         return
     register()
     text_config = model.config.get_text_config()
     previous = text_config._attn_implementation
     text_config._attn_implementation = NAME
-    _state.group = group
+    _state.group, _state.attend, _state.active = group, attend or causal_attention, True
     try:
         yield
     finally:
         text_config._attn_implementation = previous
-        _state.group = None
+        _state.group, _state.attend, _state.active = None, None, False

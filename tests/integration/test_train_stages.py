@@ -100,6 +100,11 @@ def test_rl_sp2_matches_sp1(rl_runs):
     # Frozen vision tower: one encode per distinct video of the step, reused by 4 rollouts + 3 forwards.
     assert one[0]["vision_encodes"] <= 2 and one[0]["embedding_cache_hits"] >= 4 * one[0]["vision_encodes"]
     assert one[0]["prefills"] == 2  # one prefill per question, not per rollout
+    # shared-prompt forwards (the default): old, ref and update run each prompt once, not 4 times
+    for a, b in zip(one, two):
+        shared, unshared = a["train_forward_tokens"], a["train_forward_tokens_unshared"]
+        assert 0 < shared < unshared and (unshared - shared) % (3 * 3) == 0, a["step"]
+        assert (shared, unshared) == (b["train_forward_tokens"], b["train_forward_tokens_unshared"])
 
 
 def test_rl_checkpoint_loads_in_transformers(rl_runs):
