@@ -171,6 +171,9 @@ class SynthSpec(Section):
     event_seconds: PosFloat = 8.0
     distractors: NonNegInt = 0
     option_order: Literal["fixed", "shuffled"] = "fixed"
+    # reasoning: relational questions (before/after the flash, position at mm:ss);
+    # perception: one question per category with evidence over most of the video (the demo)
+    question_set: Literal["reasoning", "perception"] = "reasoning"
     questions_per_category: PosInt = 1
     eval_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.25
     clip_seconds: PosFloat = 10.0

@@ -113,6 +113,11 @@ def _check(cfg, seed: int) -> None:
             f"seconds / event_seconds must allow 3 complete scenes (flash, press, consequence), "
             f"got {cfg.seconds} / {cfg.event_seconds}"
         )
+    if question_set(cfg) == "perception" and complete < 5:
+        raise ValueError(
+            f"question_set 'perception' needs 5 complete scenes (the press colour must fill the most), "
+            f"got {cfg.seconds} / {cfg.event_seconds}"
+        )
     if cfg.event_seconds * cfg.fps < 4:
         raise ValueError(f"event_seconds * fps must be >= 4 frames per scene, got {cfg.event_seconds * cfg.fps}")
 
@@ -129,22 +134,30 @@ def build_script(cfg, seed: int, index: int) -> VideoScript:
 
     # Flash and press at uniformly random complete scenes; the press scene needs a complete
     # coloured scene after it to show its consequence.
+    perception = question_set(cfg) == "perception"
     pairs = [(f, p) for f in range(n_complete) for p in range(n_complete - 1) if p != f and p + 1 != f]
+    if perception:  # press early: its colour then fills most of the video
+        pairs = [(f, p) for f, p in pairs if p <= 1]
     flash, press = pairs[rng.integers(len(pairs))]
     goal = QUADRANTS[rng.integers(4)]
     agent_shape = SHAPES[rng.integers(len(SHAPES))]
+    outcome = COLOURS[rng.integers(len(COLOURS))]  # perception: the colour after the press
 
     scenes, previous = [], None
     for i in range(n_scenes):
         if i == flash:
             background = "white"
+        elif perception and i > press:
+            background = outcome
         else:
-            choices = [c for c in COLOURS if c != previous]
+            choices = [c for c in COLOURS if c != previous and not (perception and c == outcome)]
             background = choices[rng.integers(len(choices))]
         previous = background
         kind = "flash" if i == flash else "press" if i == press else "goal"
         starts = [q for q in QUADRANTS if q != goal] if kind != "press" else list(QUADRANTS)
         start_quadrant = starts[rng.integers(len(starts))]
+        if perception:  # the three other quadrants in turn: the goal corner is held longest
+            start_quadrant = [q for q in QUADRANTS if q != goal][(i + press) % 3]
         (x_lo, x_hi), (y_lo, y_hi) = render.quadrant_span(start_quadrant, size, width, height)
         start_xy = (float(rng.uniform(x_lo, x_hi)), float(rng.uniform(y_lo, y_hi)))
         end_xy = (width / 2, height / 2) if kind == "press" else render.corner_point(goal, size, width, height)
@@ -337,6 +350,70 @@ def _plot(script: VideoScript) -> list[tuple]:
     )]
 
 
+def question_set(cfg) -> str:
+    return getattr(cfg, "question_set", "reasoning")
+
+
+def _longest(durations: dict[str, float]) -> str:
+    ranked = sorted(durations.items(), key=lambda kv: -kv[1])
+    if len(ranked) > 1 and ranked[0][1] - ranked[1][1] < 1e-6:
+        raise ValueError(f"no single longest: {ranked[:2]}")
+    return ranked[0][0]
+
+
+def _perception(script: VideoScript) -> dict[str, list[tuple]]:
+    """One question per category whose evidence is spread over most of the video.
+
+    The colour the button turns the screen fills every later scene (the press is in the first
+    two scenes), and the agent holds still longest at its goal corner: what a tiny model learns
+    from scratch in minutes (full-frame and quarter-frame content, see NOTES.md), unlike the
+    relational `reasoning` set (before/after the flash, position at mm:ss).
+    """
+    a, press = script.agent, script.scenes[script.press_scene]
+    colour_time: dict[str, float] = Counter()
+    for scene in script.scenes:
+        if scene.background != "white":
+            colour_time[scene.background] += scene.end_s - scene.start_s
+    colour = _longest(colour_time)
+    assert colour == press.button, (colour, press.button)
+    held: dict[str, float] = Counter()
+    for scene in script.scenes:
+        for p0, p1, phase, _ in scene_phases(script, scene):
+            if phase == "start":
+                held[scene.start_quadrant] += p1 - p0
+            elif phase == "end" and scene.kind != "press":
+                held[script.goal] += p1 - p0
+    quadrant = _longest(held)
+    assert quadrant == script.goal, (quadrant, script.goal)
+    corner = f"the {quadrant} corner"
+    after = [s for s in script.scenes if s.index > press.index and s.background == colour]
+    return {
+        "temporal": [(
+            "Which colour fills the screen for the longest time in the video?",
+            colour, f"The screen is {colour} in {len(after)} scenes, longer than any other colour.",
+            after,
+        )],
+        "goal": [(
+            f"In almost every scene {a} sets off and moves across the screen. What is it trying to reach?",
+            corner, f"{a.capitalize()} ends scene after scene at {corner}.",
+            [(s.start_s + MOVE_END_FRACTION * script.event_seconds, s.end_s) for s in script.scenes
+             if s.kind != "press"],
+        )],
+        "spatial": [(
+            f"In which part of the screen does {a} stay still for the longest time?",
+            quadrant, f"{a.capitalize()} holds still in the {quadrant} part longest, at its corner.",
+            [(s.start_s + MOVE_END_FRACTION * script.event_seconds, s.end_s) for s in script.scenes
+             if s.kind != "press"],
+        )],
+        "plot": [(
+            f"At some point {a} touches a button. What happens right after it touches the button?",
+            f"The screen turns {colour}.", f"{a.capitalize()} touches the {colour} button and the screen "
+            f"turns {colour}.",
+            [press, *after],
+        )],
+    }
+
+
 OPTION_LISTS = {
     "temporal": list(COLOURS),
     "goal": [f"the {q} corner" for q in QUADRANTS],
@@ -348,12 +425,15 @@ OPTION_LISTS = {
 def make_questions(script: VideoScript, cfg, clips: list[dict], rng: np.random.Generator) -> list[dict]:
     """LongVideo-Reason records for one video, ground truth read from its script."""
     q = cfg.questions_per_category
-    drafts = {
-        "temporal": _temporal(script, rng, q),
-        "goal": _goal(script)[:q],
-        "spatial": _spatial(script, rng, q),
-        "plot": _plot(script)[:q],
-    }
+    if question_set(cfg) == "perception":
+        drafts = _perception(script)
+    else:
+        drafts = {
+            "temporal": _temporal(script, rng, q),
+            "goal": _goal(script)[:q],
+            "spatial": _spatial(script, rng, q),
+            "plot": _plot(script)[:q],
+        }
     records = []
     for category in CATEGORIES:
         for k, (question, answer_text, reasoning, evidence) in enumerate(drafts[category]):

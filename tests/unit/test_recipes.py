@@ -109,3 +109,16 @@ def test_lock_detects_recipe_and_default_changes(tmp_path, monkeypatch):
 def test_project_recipes_are_locked():
     root = Path(__file__).resolve().parents[2]
     assert lockmod.check(root) == []
+
+
+def test_real_model_training_recipes_carry_the_paper_settings():
+    from lvr_cli.recipes import load_recipe
+
+    root = Path(__file__).resolve().parents[2] / "recipes" / "qwen2_5_vl_7b"
+    rl = load_recipe(root / "rl.toml", [])
+    assert (rl.rollout.n, rl.video.max_frames, rl.mrsp.sp_size, rl.world_size()) == (8, 512, 4, 8)
+    assert rl.model.dtype == "bfloat16" and rl.rollout.engine == "vllm"
+    sft = load_recipe(root / "sft.toml", [])
+    assert sft.model.path == "Qwen/Qwen2.5-VL-7B-Instruct" and sft.mrsp.sp_size == 4
+    bench = load_recipe(root / "bench.toml", [])
+    assert 512 in bench.bench.frames and bench.rollout.n == 5 and bench.mrsp.sp_size == 4

@@ -185,3 +185,40 @@ def test_hard_setting_uses_small_shapes_distractors_and_shuffled_options():
 def test_too_short_a_video_is_refused():
     with pytest.raises(ValueError, match="3 complete scenes"):
         synth.generate(make_cfg(seconds=16.0), Path("/nonexistent"), seed=0)
+
+
+def test_perception_answers_are_what_the_frames_show_longest():
+    """The demo's question set: the colour filling the most frames answers temporal and plot,
+    the quadrant where the agent sits still in the most frames answers goal and spatial."""
+    cfg = make_cfg(videos=8, seconds=44.0, question_set="perception")  # 5 scenes and a partial one
+    answers = Counter()
+    for index in range(cfg.videos):
+        script = synth.build_script(cfg, 5, index)
+        assert script.press_scene <= 1
+        frames = synth.render_video_frames(script)
+        colours = Counter()
+        for frame in frames:
+            bg = background_at(frame)
+            colours.update(name for name, rgb in PALETTE.items() if np.all(np.abs(bg - rgb) <= 40))
+        still = Counter()
+        for prev, frame in zip(frames, frames[1:]):
+            ys, xs = np.nonzero(np.all(frame == 0, axis=-1))
+            centred = len(ys) and abs(ys.mean() - 27.5) < 4 and abs(xs.mean() - 27.5) < 4  # on the button
+            if len(ys) and not centred and np.array_equal(np.all(prev == 0, axis=-1), np.all(frame == 0, axis=-1)):
+                still[("top" if ys.mean() < 28 else "bottom") + "-" + ("left" if xs.mean() < 28 else "right")] += 1
+        (colour, n), (_, runner_up) = colours.most_common(2)
+        assert n > runner_up
+        quadrant = still.most_common(1)[0][0]
+        qs = synth.make_questions(script, cfg, synth.clip_captions(script, cfg.clip_seconds),
+                                  np.random.default_rng(index))
+        assert [r["category"] for r in qs] == list(synth.CATEGORIES)
+        for r in qs:
+            text = r["options"][r["answer"]]
+            want = {"temporal": colour, "plot": f"The screen turns {colour}.",
+                    "goal": f"the {quadrant} corner", "spatial": quadrant}[r["category"]]
+            assert text == want, (r["problem_id"], text, want)
+            assert text.split()[-1].rstrip(".") in r["reasoning"]
+            answers[r["answer"]] += 1
+    assert len(answers) >= 3  # not one letter for everything
+    with pytest.raises(ValueError, match="perception' needs 5 complete scenes"):
+        synth.generate(make_cfg(seconds=32.0, question_set="perception"), "unused", seed=0, write_videos=False)
