@@ -18,8 +18,11 @@ rank, or several in turn per SP group), so every mode does the same useful work.
 
 What is not real: videos are random frames and rewards are seeded random numbers (a tiny
 random model earns none): the benchmark measures cost, not learning. What is checked: at
-the first step every mode computes the loss of the same reference rollouts from the same
-weights, and the losses must agree within 1e-4 (else the run fails).
+the first step every mode computes, for the question every mode gives this process (question
+r on rank r), the GRPO loss and the mean old-policy token log-prob of the same reference rollouts
+from the same weights; both must agree across modes within 1e-4 (else the run fails). The
+log-prob is the sensitive one: at the first step the ratio is 1 and the policy term of the
+loss is minus the mean advantage, near 0 whatever the forward computed.
 
 Peak memory: CUDA's allocator peak on GPU; on CPU the resident-set high-water mark above
 the step's start, sampled every 5 ms. With `bench.memory_cap_gb` a mode whose peak passes
@@ -119,8 +122,9 @@ def synthetic_sample(rt: Runtime, frames: int, size: int, index: int) -> Sample:
 
 
 def step_loss(rt: Runtime, ref: VLAdapter, samples, responses, rewards, G, algo, timers, memory, cap,
-              optimizer=None) -> float:
-    """Old + reference + update forwards of one step; return the update loss (summed over questions)."""
+              optimizer=None) -> list[tuple[float, float]]:
+    """Old + reference + update forwards of one step; return per question its update loss and
+    its mean old-policy token log-prob."""
     old, refs = [], []
     with torch.no_grad():
         for phase, out, model in (("old", old, None), ("ref", refs, ref)):
@@ -129,7 +133,7 @@ def step_loss(rt: Runtime, ref: VLAdapter, samples, responses, rewards, G, algo,
                     out.append(rt.logprobs(s, resp, model=model)[0])
             check_cap(memory, cap)
     adv = group_advantages(rewards, G, scale_by_std=algo.scale_by_std)
-    total = 0.0
+    out = []
     with Phase(timers, "update", rt):
         for q, (s, resp) in enumerate(zip(samples, responses)):
             lp, mask = pad_rows(rt.logprobs(s, resp)[0])
@@ -137,13 +141,13 @@ def step_loss(rt: Runtime, ref: VLAdapter, samples, responses, rewards, G, algo,
                                 algo.clip_low, algo.clip_high, algo.dual_clip, algo.loss_agg, algo.kl_coef,
                                 algo.kl_kind)
             (loss * rt.sp_grid.sp_size).backward()
-            total += float(loss.detach())
+            out.append((float(loss.detach()), float(torch.cat(old[q]).mean())))
         if optimizer is not None:
             average_gradients([p for p in rt.adapter.model.parameters() if p.requires_grad], rt.grid)
             optimizer.step()
         rt.adapter.model.zero_grad(set_to_none=True)
     check_cap(memory, cap)
-    return total
+    return out
 
 
 def check_cap(memory: PeakMemory, cap: float | None) -> None:
@@ -162,7 +166,7 @@ def bench_mode(name, frames, recipe, adapter, ref, grids, initial, memory, ref_r
     # Every SP group handles world / dp questions in turn so all modes do the same work.
     per_group = grid.world_size // grid.dp_size if grid.world_size > 1 else 1
     qids = [grid.dp_rank * per_group + k for k in range(per_group)]
-    times, losses, counters, peak = [], [], {}, 0.0
+    times, first, counters, peak = [], (0.0, 0.0), {}, 0.0
     try:
         for step in range(b.warmup_steps + b.steps):
             timers = dict.fromkeys(PHASES, 0.0)
@@ -170,10 +174,11 @@ def bench_mode(name, frames, recipe, adapter, ref, grids, initial, memory, ref_r
             rt.reset_counters()
             memory.reset()
             samples = [synthetic_sample(rt, frames, b.frame_size, q) for q in qids]
-            rewards = torch.rand(len(samples) * G, generator=torch.Generator().manual_seed(step))
-            if step == 0:  # the parity check: same rollouts, same weights -> same loss in every mode
-                losses.append(step_loss(rt, ref, samples, ref_responses(qids), rewards, G, algo,
-                                        dict.fromkeys(PHASES, 0.0), memory, None))
+            rewards = torch.cat([torch.rand(G, generator=torch.Generator().manual_seed(step * 100_003 + q))
+                                 for q in qids])  # a question's rewards do not depend on the mode
+            if step == 0:  # the parity check: same rollouts, same weights -> same numbers in every mode
+                first = step_loss(rt, ref, samples, ref_responses(qids), rewards, G, algo,
+                                  dict.fromkeys(PHASES, 0.0), memory, None)[qids.index(grid.rank)]
                 rt.new_step()  # the timed step starts cold: no embedding cached, counters at zero
                 rt.reset_counters()
                 memory.reset()
@@ -202,7 +207,8 @@ def bench_mode(name, frames, recipe, adapter, ref, grids, initial, memory, ref_r
     return {"mode": name, "frames": frames, "oom": False, "seconds_per_step": med, "breakdown": breakdown,
             "peak_memory_gb": peak, "vision_encodes_per_video": counters["vision_encodes"] / len(qids),
             "video_tokens": int(samples[0].prompt.input_ids.eq(adapter.video_token_id).sum()),
-            "prompt_tokens": int(samples[0].prompt.input_ids.shape[0]), "first_step_loss": losses[0],
+            "prompt_tokens": int(samples[0].prompt.input_ids.shape[0]), "first_step_loss": first[0],
+            "first_step_logp": first[1],
             "questions_per_rank": len(qids), "train_forward_tokens": counters["train_forward_tokens"],
             "train_forward_tokens_unshared": counters["train_forward_tokens_unshared"]}
 
@@ -247,11 +253,11 @@ def run(recipe, run) -> dict:
                 run.metric(len(results), **{k: v for k, v in res.items() if k != "breakdown"})
                 bar.advance()
             ok = [r for r in row.values() if not r["oom"]]
-            if ok:
-                base = ok[0]["first_step_loss"]
-                worst = max(abs(r["first_step_loss"] - base) for r in ok)
-                if worst > 1e-4 * max(1.0, abs(base)):
-                    raise RuntimeError(f"bench: modes disagree on the first-step loss at {frames} frames "
+            for key in ("first_step_loss", "first_step_logp"):
+                values = [r[key] for r in ok] or [0.0]
+                worst = max(abs(v - values[0]) for v in values)
+                if worst > 1e-4 * max(1.0, abs(values[0])):
+                    raise RuntimeError(f"bench: modes disagree on the {key.replace('_', ' ')} at {frames} frames "
                                        f"(max difference {worst:.3g})")
     memory.close()
     return report(recipe, run, grid, results)
@@ -309,7 +315,7 @@ def report(recipe, run, grid: Grid, results: list[dict]) -> dict:
 
 def markdown_table(results: list[dict], modes: list[str], frames: list[int]) -> str:
     lines = ["| frames | mode | s/step | vision | rollout | old | ref | update | peak GiB/rank | encodes/video "
-             "| forward tokens |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| forward tokens/question |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for f in frames:
         for m in modes:
             r = next((x for x in results if x["frames"] == f and x["mode"] == m), None)
@@ -321,7 +327,7 @@ def markdown_table(results: list[dict], modes: list[str], frames: list[int]) -> 
             bd = r["breakdown"]
             lines.append(f"| {f} | {m} | {r['seconds_per_step']:.2f} | " + " | ".join(f"{bd[p]:.2f}" for p in PHASES)
                          + f" | {r['peak_memory_gb']:.2f} | {r['vision_encodes_per_video']:g} "
-                         f"| {r['train_forward_tokens']} |")
+                         f"| {r['train_forward_tokens'] // r['questions_per_rank']} |")
     return "\n".join(lines)
 
 

@@ -5,7 +5,7 @@ import json
 from tests.conftest import run_lvr
 
 FIELDS = {"mode", "frames", "oom", "seconds_per_step", "breakdown", "peak_memory_gb", "vision_encodes_per_video",
-          "video_tokens", "prompt_tokens", "first_step_loss", "questions_per_rank", "train_forward_tokens",
+          "video_tokens", "prompt_tokens", "first_step_loss", "questions_per_rank", "train_forward_tokens", "first_step_logp",
           "train_forward_tokens_unshared"}
 
 
@@ -32,6 +32,8 @@ def test_bench_writes_every_field_and_counts_encodes(tmp_path):
         assert x["vision_encodes_per_video"] == expected, (mode, frames, x["vision_encodes_per_video"])
         # every mode computed the same first-step loss from the same rollouts and weights
         assert abs(x["first_step_loss"] - rows[("vanilla", frames)]["first_step_loss"]) <= 1e-4
+        assert x["first_step_logp"] < -1  # a real mean log-prob (not a vacuous 0) ...
+        assert abs(x["first_step_logp"] - rows[("vanilla", frames)]["first_step_logp"]) <= 1e-4  # ... equal
         # 3 training forwards per question (same prompt length): each prompt once per group when shared
         P, T, Q = x["prompt_tokens"], 4, x["questions_per_rank"]
         unshared = 3 * Q * G * (P + T)
