@@ -9,8 +9,8 @@ from pathlib import Path
 STAGES = [("synth", "data"), ("filter", "filter"), ("sft", "sft"), ("rl", "rl"), ("eval", "eval")]
 KEYS = {"synth": ["seconds"], "filter": ["items", "rl", "sft", "mean_pass_rate", "seconds"],
         "sft": ["steps", "loss_first", "loss_last", "eval_loss_last", "seconds"],
-        "rl": ["steps", "accuracy_first", "accuracy_last", "seconds"],
-        "eval": ["items", "accuracy", "unparsed", "seconds"]}
+        "rl": ["steps", "accuracy_first_half", "accuracy_second_half", "seconds"],
+        "eval": ["items", "accuracy", "by_category", "unparsed", "seconds"]}
 
 
 def main(root: str = "runs/demo") -> None:

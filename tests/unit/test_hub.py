@@ -75,8 +75,8 @@ def model_run(tmp_path, tiny_final, stage: str, model_path: str) -> Path:
         run.metric(step, **values)
     shutil.copytree(tiny_final, out / "final")
     last = (RL_METRICS if stage == "rl" else SFT_METRICS)[-1]
-    summary = ({"steps": 2, "resumed_from": 0, "final": str(out / "final"), "accuracy_first": 0.125,
-                "accuracy_last": last["reward/accuracy"], "failed": 0} if stage == "rl" else
+    summary = ({"steps": 2, "resumed_from": 0, "final": str(out / "final"), "accuracy_first_half": 0.125,
+                "accuracy_second_half": last["reward/accuracy"], "failed": 0} if stage == "rl" else
                {"steps": 2, "resumed_from": 0, "final": str(out / "final"), "loss_first": 7.020661,
                 "loss_last": last["loss"], "eval_loss_last": last["eval_loss"], "failed": 0})
     run.finish(summary)
@@ -112,7 +112,7 @@ def test_model_run_dry_run_stages_the_checkpoint_and_a_card(tmp_path, tiny_final
     summary = json.loads((run / "summary.json").read_text())
     last = read_jsonl(run / "metrics.jsonl")[-1]
     assert last["step"] == 2
-    for key in ("steps", "failed", "accuracy_last" if stage == "rl" else "loss_last"):
+    for key in ("steps", "failed", "accuracy_second_half" if stage == "rl" else "loss_last"):
         assert f"| `{key}` | {json.dumps(summary[key])} |" in body
     for key, value in last.items():
         assert f"| `{key}` | {json.dumps(value)} |" in body
