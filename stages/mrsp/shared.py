@@ -58,11 +58,8 @@ class PromptGroup:
     videos: list[VideoEmbedding]
 
     @property
-    def unshared_tokens(self) -> int:
-        return sum(int(ids.shape[0]) for ids, _ in self.rows)
-
-    @property
     def shared_tokens(self) -> int:
+        """Tokens of the group in the packed sequence: the prompt once, then every response."""
         return self.prompt_len + sum(int(ids.shape[0]) - self.prompt_len for ids, _ in self.rows)
 
 
