@@ -38,7 +38,6 @@ compared too; the differences are stored, and the script exits 1 when one is ove
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import signal
@@ -51,6 +50,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from stages.bench_mrsp import libc, trim_heap
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("vision", "forward", "forward+backward")
@@ -98,30 +99,14 @@ def _allocated_mib(memory, device: torch.device) -> float:
     return memory._rss() / 2 ** 20
 
 
-def _libc():
-    try:
-        libc = ctypes.CDLL(None)
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
 def exact_rss_mode() -> None:
     """Make the resident set follow live memory (glibc, CPU): allocations of 128 KiB and more
     get their own mapping, returned to the system when freed (a fixed `M_MMAP_THRESHOLD`,
     instead of the dynamic one that keeps freed tensors in the heap). Slows allocation, so
     it is switched on after the timed runs. Without glibc, RSS growth under-counts reuse."""
-    libc = _libc()
-    if libc is not None:
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-
-
-def trim_heap(device: torch.device) -> None:
-    """Give the heap's free pages back to the system (glibc, CPU), so that the next run's
-    RSS growth counts every page it touches, not only those earlier runs did not."""
-    libc = _libc() if device.type == "cpu" else None
-    if libc is not None:
-        libc.malloc_trim(0)
+    lib = libc()
+    if lib is not None:
+        lib.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
 
 
 def time_phase(fn, grid, repeats: int) -> tuple[object, dict]:

@@ -31,6 +31,7 @@ the cap is reported as OOM at the end of the phase that passed it and the sweep 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import statistics
@@ -74,6 +75,23 @@ class Phase:
         self.timers["vision"] += enc
 
 
+def libc():
+    """glibc's allocator controls (`mallopt`, `malloc_trim`), or None elsewhere."""
+    try:
+        lib = ctypes.CDLL(None)
+    except OSError:
+        return None
+    return lib if hasattr(lib, "mallopt") and hasattr(lib, "malloc_trim") else None
+
+
+def trim_heap(device: torch.device) -> None:
+    """Give the heap's free pages back to the system (glibc, CPU), so that the next RSS
+    growth counts every page a run touches, not only those earlier runs left unmapped."""
+    lib = libc() if device.type == "cpu" else None
+    if lib is not None:
+        lib.malloc_trim(0)
+
+
 class PeakMemory:
     """Peak memory in GiB since `reset()`: CUDA allocator peak, or sampled RSS growth on CPU."""
 
@@ -99,6 +117,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._base = 0
         else:
+            trim_heap(torch.device("cpu"))
             self._base = self._peak = self._rss()
 
     def gb(self) -> float:
