@@ -46,6 +46,7 @@ demo: install
 	  $(LVR) generate-qa recipes/demo/generate_qa.toml output.overwrite=true; rc=$$?; kill $$pid; exit $$rc
 	$(LVR) filter recipes/demo/filter.toml output.overwrite=true
 	$(LVR) sft recipes/demo/sft.toml output.overwrite=true
+	$(LVR) eval recipes/demo/eval.toml model.path=runs/demo/sft/final output.dir=runs/demo/eval_sft output.overwrite=true
 	$(LVR) rl recipes/demo/rl.toml model.path=runs/demo/sft/final output.overwrite=true
 	$(LVR) eval recipes/demo/eval.toml model.path=runs/demo/rl/final output.overwrite=true
 	$(PY) -m lvr_cli.demo_summary runs/demo

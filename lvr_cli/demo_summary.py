@@ -6,7 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-STAGES = [("synth", "data"), ("filter", "filter"), ("sft", "sft"), ("rl", "rl"), ("eval", "eval")]
+STAGES = [("synth", "data"), ("filter", "filter"), ("sft", "sft"), ("eval", "eval_sft"), ("rl", "rl"),
+          ("eval", "eval")]
 KEYS = {"synth": ["seconds"], "filter": ["items", "rl", "sft", "mean_pass_rate", "seconds"],
         "sft": ["steps", "loss_first", "loss_last", "eval_loss_last", "seconds"],
         "rl": ["steps", "accuracy_first_half", "accuracy_second_half", "seconds"],
@@ -23,11 +24,11 @@ def main(root: str = "runs/demo") -> None:
     for stage, folder in STAGES:
         path = Path(root) / folder / "summary.json"
         if not path.exists():
-            table.add_row(stage, "[red]not run[/]")
+            table.add_row(f"{stage} ({folder})", "[red]not run[/]")
             continue
         s = json.loads(path.read_text())
         vals = [f"{k}={s[k]:.4g}" if isinstance(s.get(k), float) else f"{k}={s.get(k)}" for k in KEYS[stage] if k in s]
-        table.add_row(stage, ", ".join(vals))
+        table.add_row(f"{stage} ({folder})", ", ".join(vals))
     Console().print(table)
 
 

@@ -86,3 +86,23 @@ def test_backend_that_cannot_be_built_exits_2_with_one_line(lvr, tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "backend.api_key_env" in last and "LVR_TEST_UNSET_KEY" in last
     assert "Traceback" not in r.stderr
+
+
+def test_demo_summary_reads_every_stage_and_marks_missing_ones(tmp_path, capsys, monkeypatch):
+    import json
+
+    monkeypatch.setenv("COLUMNS", "200")  # one table row per line
+
+    from lvr_cli import demo_summary
+
+    (tmp_path / "rl").mkdir()
+    (tmp_path / "rl" / "summary.json").write_text(json.dumps(
+        {"steps": 32, "accuracy_first_half": 0.5508, "accuracy_second_half": 0.6621, "seconds": 67.11}))
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "summary.json").write_text(json.dumps(
+        {"items": 64, "accuracy": 0.671875, "by_category": {"temporal": 1.0}, "unparsed": 0}))
+    demo_summary.main(str(tmp_path))
+    out = capsys.readouterr().out
+    assert "accuracy_first_half=0.5508" in out and "accuracy_second_half=0.6621" in out
+    assert "accuracy=0.6719" in out and "'temporal': 1.0" in out
+    assert out.count("not run") == 4  # synth, filter, sft, eval_sft
