@@ -13,7 +13,7 @@ export DS_BUILD_OPS ?= 0
 export OMP_NUM_THREADS ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: install test test-unit test-integration demo bench lock clean
+.PHONY: install test test-unit test-integration test-gpu demo bench lock clean
 
 install: $(STAMP)
 
@@ -33,6 +33,10 @@ test-unit: install
 
 test-integration: install
 	$(PY) -m pytest -q tests/integration
+
+# CUDA checks (skipped without a GPU): parity on GPU kernels, NCCL, bench-mrsp, vLLM.
+test-gpu: install
+	$(PY) -m pytest -q -rs tests/gpu
 
 lock: install
 	$(LVR) lock
