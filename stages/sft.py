@@ -29,12 +29,13 @@ def target_text(record: dict) -> str:
     return answer_target(record.get("reasoning", ""), record["answer"])
 
 
-def nll(rt: Runtime, samples: list[Sample]) -> tuple[torch.Tensor, int]:
-    """Sum of assistant-token negative log-likelihoods over `samples`, and the token count."""
+def nll(rt: Runtime, samples: list[Sample], grad_vision: bool = False) -> tuple[torch.Tensor, int]:
+    """Sum of assistant-token negative log-likelihoods over `samples`, and the token count.
+    `grad_vision`: encode the videos with gradients (a trainable vision tower)."""
     total, count = torch.zeros(()), 0
     for s in samples:
         target = rt.target_ids(target_text(s.record))
-        logp = rt.logprobs(s, [target])[0][0]
+        logp = rt.logprobs(s, [target], grad_vision=grad_vision)[0][0]
         total = total + (-logp).sum()
         count += logp.shape[0]
     return total, count
@@ -76,10 +77,12 @@ def run(recipe, run) -> dict:
                         samples.append(rt.sample(records[i], video_dir))
                     except (VideoDecodeError, KeyError, ValueError) as e:
                         run.error(str(records[i].get("problem_id", i)), f"{type(e).__name__}: {e}")
-                total, count = nll(rt, samples)
+                total, count = nll(rt, samples, grad_vision=not recipe.model.freeze_vision)
                 loss = total / max(count, 1)
                 engine.backward(loss)
                 engine.step()
+                if not recipe.model.freeze_vision:
+                    rt.cache.vision_changed()
                 losses.append(float(loss.detach()))
                 tokens += count
             metrics = dp_mean({"loss": sum(losses) / len(losses), "target_tokens": float(tokens),

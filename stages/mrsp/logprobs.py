@@ -128,5 +128,12 @@ def token_logprobs(adapter: VLAdapter, batch: TokenBatch, grid: Grid | None = No
     vals = torch.cat(outs)
     flat = b_idx * L + t_idx
     dense = vals.new_zeros(B * L, width).index_put((flat,), vals).view(B, L, width)
+    if group is not None and torch.is_grad_enabled():
+        # A trainable vision tower's embedding was all-gathered over the SP group: a rank whose
+        # slice holds none of its rows must still run that gather's backward (a collective),
+        # or the ranks that hold them wait forever. A zero-valued term puts it in the graph.
+        tied = [t for row in batch.videos for v in row for t in (v.embeds, *v.deepstack) if t.requires_grad]
+        if tied:
+            dense = dense + sum(t.sum() for t in tied) * 0.0
     dense = sum_disjoint(dense, group)[:, :L0]
     return dense[..., 0], (dense[..., 1] if entropy else None)

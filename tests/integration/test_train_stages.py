@@ -145,13 +145,19 @@ def test_rl_resume_after_sigkill_equals_uninterrupted(rl_runs):
             assert a[k] == pytest.approx(b[k], abs=1e-6), (a["step"], k)
 
 
-def test_sft_sp2_matches_sp1_and_checkpoint_loads(tiny_data, tmp_path):
+@pytest.mark.parametrize("freeze_vision", [True, False])
+def test_sft_sp2_matches_sp1_and_checkpoint_loads(tiny_data, tmp_path, freeze_vision):
+    """A trainable vision tower gets its gradient through the sharded encode's all-gather:
+    SP 2 must match SP 1 with it too, and its weights must move (and stay put when frozen)."""
     from transformers import AutoModelForImageTextToText
+
+    from stages.models.tiny import resolve_tiny
 
     recipe = tmp_path / "sft.toml"
     recipe.write_text(SFT.format(data=tiny_data, out=tmp_path / "sp1"))
-    lvr_ok("sft", recipe)
-    lvr_ok("sft", recipe, f"output.dir={json.dumps(str(tmp_path / 'sp2'))}", "launch.nproc_per_node=2",
+    vision = f"model.freeze_vision={str(freeze_vision).lower()}"
+    lvr_ok("sft", recipe, vision)
+    lvr_ok("sft", recipe, vision, f"output.dir={json.dumps(str(tmp_path / 'sp2'))}", "launch.nproc_per_node=2",
            "mrsp.sp_size=2")
     one, two = metrics(tmp_path / "sp1"), metrics(tmp_path / "sp2")
     assert len(one) == len(two) == 3
@@ -160,4 +166,10 @@ def test_sft_sp2_matches_sp1_and_checkpoint_loads(tiny_data, tmp_path):
     assert abs(one[-1]["eval_loss"] - two[-1]["eval_loss"]) <= 1e-4
     assert one[-1]["loss"] < one[0]["loss"]
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "sp1" / "final")
-    assert sum(p.numel() for p in model.parameters()) > 0
+    init = AutoModelForImageTextToText.from_pretrained(resolve_tiny("tiny:qwen2.5-vl"))
+    trained, start = model.model.visual.state_dict(), init.model.visual.state_dict()
+    moved = max(float((trained[k] - start[k]).abs().max()) for k in start)
+    assert (moved == 0.0) if freeze_vision else (moved > 1e-4), moved
+    if not freeze_vision:  # SP 2's vision tower trained to the same weights
+        two_visual = AutoModelForImageTextToText.from_pretrained(tmp_path / "sp2" / "final").model.visual.state_dict()
+        assert max(float((two_visual[k] - trained[k]).abs().max()) for k in trained) < 1e-4

@@ -40,6 +40,8 @@ def test_every_schema_round_trips(tmp_path, stage):
     ('stage = "rl"\n[data]\ninput = "x"\n[rollout]\nn = "many"\n', "rollout.n", "valid integer"),
     ('stage = "rl"\n[data]\ninput = "x"\n[rollout]\nn = 1\n', "rollout.n", "at least 2"),
     ('stage = "rl"\n', "data", "required key is missing"),
+    ('stage = "rl"\n[data]\ninput = "x"\n[model]\nfreeze_vision = false\n', "model.freeze_vision",
+     "keeps the vision tower frozen"),
     ('stage = "sft"\n[data]\ninput = "x"\n[launch]\nnproc_per_node = 3\n[mrsp]\nsp_size = 2\n',
      "mrsp.sp_size", "does not divide the world size 3"),
     ('stage = "sft"\n[data]\ninput = "x"\n[launch]\nnproc_per_node = 2\n[train]\nglobal_batch = 3\n',
