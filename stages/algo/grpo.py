@@ -246,7 +246,7 @@ def kl_in_reward(
 def pad_rows(rows: List[Tensor]) -> Tuple[Tensor, Tensor]:
     """Return `[B, T]` values and a bool mask of ragged 1-D tensors (T = the longest, >= 1)."""
     T = max([r.shape[0] for r in rows] + [1])
-    mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    mask = torch.zeros(len(rows), T, dtype=torch.bool, device=rows[0].device if rows else None)
     for b, r in enumerate(rows):
         mask[b, :r.shape[0]] = True
     if not rows:
@@ -272,8 +272,10 @@ def grpo_loss(
     `kl_penalty` to the reference (left out when `ref_logp` is None), and its stats
     (`policy_loss`'s plus `kl` when the KL term is on).
 
-    logp, old_logp, ref_logp, mask: [G, T]; advantages: [G].
+    logp, old_logp, ref_logp, mask: [G, T]; advantages: [G]. All move to `logp`'s device.
     """
+    old_logp, advantages, mask = old_logp.to(logp.device), advantages.to(logp.device), mask.to(logp.device)
+    ref_logp = ref_logp.to(logp.device) if ref_logp is not None else None
     loss, stats = policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg)
     if ref_logp is not None:
         kl = aggregate(kl_penalty(logp, ref_logp, kl_kind), mask, agg)

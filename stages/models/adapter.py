@@ -194,7 +194,10 @@ class VLAdapter:
 
     # -- vision -------------------------------------------------------------------------------
     def encode_video(self, pixels: torch.Tensor, grid_thw: torch.Tensor) -> VideoEmbedding:
-        """Run the vision tower on one (slice of a) video; return its LLM-ready embedding."""
+        """Run the vision tower on one (slice of a) video; return its LLM-ready embedding.
+        Pixels decoded on the CPU move to the tower's device here."""
+        tower = next(self.vision_tower.parameters())
+        pixels, grid_thw = pixels.to(tower.device, tower.dtype), grid_thw.to(tower.device)
         out = self.backbone.get_video_features(pixels, grid_thw, return_dict=True)
         embeds = torch.cat(out.pooler_output, dim=0)
         deep = getattr(out, "deepstack_features", None) or []

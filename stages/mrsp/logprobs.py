@@ -90,7 +90,8 @@ def token_logprobs(adapter: VLAdapter, batch: TokenBatch, grid: Grid | None = No
     over the whole sequence for the local heads (`ulysses.sp_attention`), default causal."""
     grid = grid or Grid()
     sp, group = grid.sp_size, grid.sp_group
-    ids, pos, mask = batch.input_ids, batch.position_ids, batch.score_mask
+    dev = adapter.lm_head.weight.device  # rows are built on the CPU
+    ids, pos, mask = batch.input_ids.to(dev), batch.position_ids.to(dev), batch.score_mask.to(dev)
     B, L0 = ids.shape
     L = padded_length(L0, sp)
     pad_id = adapter.tokenizer.pad_token_id or 0
@@ -107,7 +108,7 @@ def token_logprobs(adapter: VLAdapter, batch: TokenBatch, grid: Grid | None = No
     if batch.score_source is None:
         source = (torch.arange(L, device=ids.device) - 1).expand(B, L)
     else:
-        source = pad_sequence_dim(batch.score_source, L, -1)
+        source = pad_sequence_dim(batch.score_source.to(dev), L, -1)
     b_idx, t_idx = mask.nonzero(as_tuple=True)
     s_idx = source[b_idx, t_idx]
     local = (s_idx >= start) & (s_idx < stop)
