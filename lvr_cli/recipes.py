@@ -111,6 +111,13 @@ class RolloutSection(Section):
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     max_new_tokens: PosInt = 256
 
+    @model_validator(mode="after")
+    def _engine(self):
+        if self.engine == "vllm":  # named in the schema so the refusal says why, not "unknown value"
+            raise ValueError("rollout.engine: 'vllm' is not wired into the MR-SP rollouts yet (no GPU "
+                             "to check it on); use 'hf', which runs on CPU and GPU")
+        return self
+
 
 class OptimSection(Section):
     lr: PosFloat = 1e-5

@@ -1,7 +1,7 @@
 """On CUDA with vLLM installed: the vLLM backend (`backend.kind = "vllm"`) generates.
 
-The MR-SP runtime has no vLLM rollout engine (rollouts use the hf engine whatever
-`rollout.engine` says), so this is the repository's only vLLM path."""
+The MR-SP runtime has no vLLM rollout engine yet (recipes refuse `rollout.engine =
+"vllm"`), so this is the repository's only vLLM path."""
 
 import importlib.util
 import json
