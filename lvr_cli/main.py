@@ -54,11 +54,14 @@ def run_stage(stage: str, module: str, path: Path, overrides: list[str] | None,
     except RecipeError as e:
         fail(str(e))
     from stages.backends.base import BackendError
+    from stages.mrsp.dist import CollectiveError
 
     try:
         summary = importlib.import_module(f"stages.{module}").run(recipe, run)
     except BackendError as e:  # a backend the recipe describes cannot be built (bad key, URL, ...)
         fail(f"{path}: {e}")
+    except CollectiveError as e:  # another process of the launch died or hung
+        fail(f"{path}: {e}", 1)
     summary = run.finish(summary)
     print_summary(f"lvr {stage}: {run.path}", summary)
     if summary.get("failed", 0) and not allow_failures:

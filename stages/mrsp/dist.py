@@ -3,7 +3,7 @@
 `world = dp_size x sp_size`; the ranks of one sequence-parallel (SP) group are consecutive
 (`[0..sp), [sp..2sp), ...`) and work on the same samples. gloo on CPU, NCCL on CUDA. Every
 collective runs under the process group's timeout, so a rank that dies makes the others
-fail with an error within that time rather than hang.
+fail within that time rather than hang, with a `CollectiveError` that says so in one line.
 
 The autograd-aware collectives here (`all_gather_rows`, `all_to_all_4d`, `sum_disjoint`)
 are the only places where MR-SP moves tensors between ranks.
@@ -17,6 +17,23 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+_timeout_s = 300.0  # the process groups' timeout, for the message of a failed collective
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed: another rank died or did not answer within the timeout."""
+
+
+def _collective(op: str, pg, call, *args, **kwargs):
+    """Run `call(*args, **kwargs)`; turn the backend's error into a one-line `CollectiveError`."""
+    try:
+        return call(*args, **kwargs)
+    except RuntimeError as e:  # gloo/NCCL report a dead peer or a timeout as RuntimeError subclasses
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise CollectiveError(
+            f"rank {dist.get_rank()}: {op} over {dist.get_world_size(pg)} ranks failed: another rank died "
+            f"or did not answer within {_timeout_s:g} s ({reason})") from e
 
 
 @dataclass
@@ -63,6 +80,8 @@ def init_grid(sp_size: int = 1, backend: str = "auto", timeout_s: float = 300.0)
         torch.cuda.set_device(device)
     if world == 1:
         return Grid(device=device)
+    global _timeout_s
+    _timeout_s = timeout_s
     if not dist.is_initialized():
         chosen = ("nccl" if use_cuda else "gloo") if backend == "auto" else backend
         dist.init_process_group(chosen, timeout=timedelta(seconds=timeout_s),
@@ -106,13 +125,13 @@ class _AllGatherRows(torch.autograd.Function):
         padded = x.new_zeros((width,) + tuple(x.shape[1:]))
         padded[: x.shape[0]] = x
         parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded.contiguous(), group=group)
+        _collective("all_gather", group, dist.all_gather, parts, padded.contiguous(), group=group)
         return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
+        _collective("all_reduce", ctx.group, dist.all_reduce, grad, group=ctx.group)
         start = sum(ctx.sizes[: ctx.rank])
         return grad[start:start + ctx.sizes[ctx.rank]], None, None
 
@@ -135,7 +154,7 @@ class _AllToAll(torch.autograd.Function):
         world = dist.get_world_size(group)
         inputs = [t.contiguous() for t in torch.tensor_split(x, world, dim=scatter_dim)]
         outputs = [torch.empty_like(inputs[0]) for _ in range(world)]
-        dist.all_to_all(outputs, inputs, group=group)
+        _collective("all_to_all", group, dist.all_to_all, outputs, inputs, group=group)
         return torch.cat(outputs, dim=gather_dim)
 
     @staticmethod
@@ -156,7 +175,7 @@ class _SumDisjoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         out = x.contiguous().clone()
-        dist.all_reduce(out, group=group)
+        _collective("all_reduce", group, dist.all_reduce, out, group=group)
         return out
 
     @staticmethod
@@ -178,4 +197,4 @@ def all_reduce_grads(parameters, group) -> None:
         return
     for p in parameters:
         if p.grad is not None:
-            dist.all_reduce(p.grad, group=group)
+            _collective("all_reduce", group, dist.all_reduce, p.grad, group=group)

@@ -1,7 +1,9 @@
 """Run a function on N real processes (torch.distributed, gloo) and collect what rank 0 returns."""
 
 import os
+import queue as queue_mod
 import socket
+import time
 import traceback
 
 import torch.multiprocessing as mp
@@ -33,26 +35,47 @@ def _entry(rank, world, port, fn, args, queue):
 
 
 def run_workers(fn, world: int, *args, timeout: float = 300):
-    """Start `world` processes running `fn(rank, world, *args)`; return {rank: result}."""
+    """Start `world` processes running `fn(rank, world, *args)`; return {rank: result}.
+    A worker that dies without reporting (signal, os._exit) or a run past `timeout` seconds
+    fails the test instead of hanging it."""
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
+    queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue)) for r in range(world)]
-    raise_if_any = None
     for p in procs:
         p.start()
-    results, errors = {}, []
-    for _ in range(world):
-        rank, status, value = queue.get()
-        (results.__setitem__(rank, value) if status == "ok" else errors.append(f"rank {rank}:\n{value}"))
-    for p in procs:
-        p.join(timeout)
-        if p.is_alive():
-            p.kill()
-            raise_if_any = "a worker did not exit"
+    results, errors, reported = {}, [], set()
+    deadline = time.monotonic() + timeout
+    try:
+        while len(reported) < world:
+            try:
+                rank, status, value = queue.get(timeout=1.0)
+            except queue_mod.Empty:
+                silent = [r for r, p in enumerate(procs) if r not in reported and p.exitcode is not None]
+                if silent:
+                    time.sleep(1.0)  # a report may still be in the pipe
+                    while not queue.empty():
+                        rank, status, value = queue.get()
+                        reported.add(rank)
+                        (results.__setitem__(rank, value) if status == "ok" else errors.append(f"rank {rank}:\n{value}"))
+                    for r in silent:
+                        if r not in reported:
+                            errors.append(f"rank {r} exited with code {procs[r].exitcode} without a result")
+                            reported.add(r)
+                if time.monotonic() > deadline:
+                    errors.append(f"no result from ranks {sorted(set(range(world)) - reported)} in {timeout:g} s")
+                    break
+                continue
+            reported.add(rank)
+            (results.__setitem__(rank, value) if status == "ok" else errors.append(f"rank {rank}:\n{value}"))
+        for p in procs:
+            p.join(max(1.0, deadline - time.monotonic()))
+            if p.is_alive():
+                errors.append(f"pid {p.pid}: a worker did not exit")
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
     if errors:
         raise AssertionError("\n".join(errors))
-    if raise_if_any:
-        raise AssertionError(raise_if_any)
     return results
-
