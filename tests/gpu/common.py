@@ -349,6 +349,8 @@ def sp_parity_worker(rank: int, world: int, backend: str, families: list[str]) -
             with torch.no_grad():
                 whole = a.encode_video(pixels.to(device), grid.to(device))
                 sharded = encode_sharded(a, pixels.to(device), grid.to(device), sp)
+            assert [x.shape for x in sharded.deepstack] == [y.shape for y in whole.deepstack], family
+            assert (len(whole.deepstack) > 0) == (family == "qwen3-vl"), family
             report[(family, "vision")] = max([max_abs(sharded.embeds, whole.embeds)]
                                              + [max_abs(x, y) for x, y in zip(sharded.deepstack, whole.deepstack)])
             report[(family, "vision_rows")] = (sharded.embeds.shape[0], whole.embeds.shape[0])
@@ -388,5 +390,7 @@ def sp_parity_worker(rank: int, world: int, backend: str, families: list[str]) -
                 with torch.no_grad():
                     ref_s, _ = _unshared(a, _prompt_groups(a, device, embeddings, grad=False), one)
                     got_s, _ = shared_logprobs(a, _prompt_groups(a, device, embeddings, grad=False), sp, chunk_tokens=4)
+                assert [[x.shape for x in r] for r in got_s] == [[y.shape for y in r] for r in ref_s], family
+                assert len(ref_s) == len(SHARED_GROUPS), family
                 report[(family, "shared")] = max(max_abs(x, y) for r, s in zip(got_s, ref_s) for x, y in zip(r, s))
     return report

@@ -55,8 +55,14 @@ def _parity_worker(rank, world, families):
             px, grid_thw = _video(adapter, frames=30)
             with torch.no_grad():
                 ref = adapter.encode_video(px, grid_thw)
+                levels = len(getattr(adapter.model.config.vision_config, "deepstack_visual_indexes", None) or [])
+                assert len(ref.deepstack) == levels and (levels > 0) == (family == "qwen3-vl"), (family, levels)
                 for sp, g in grids.items():
+                    if sp == 1:  # encode_sharded is encode_video itself there
+                        continue
                     emb = encode_sharded(adapter, px, grid_thw, g)
+                    assert emb.embeds.shape == ref.embeds.shape and len(emb.deepstack) == levels
+                    assert [a.shape for a in emb.deepstack] == [b.shape for b in ref.deepstack]
                     report[(family, variant, "vision", sp)] = (
                         (emb.embeds - ref.embeds).abs().max().item(),
                         max([(a - b).abs().max().item() for a, b in zip(emb.deepstack, ref.deepstack)] or [0.0]))
@@ -127,7 +133,8 @@ def test_mrsp_sharded_vision_and_sp_forward_match_unsharded():
                 assert grad_rel <= 1e-4, (rank, key, value)
             elif what == "positions":
                 assert value is True, (rank, key)
-    assert all(("qwen3-vl", "tiny", "logp", 4) in r for r in results.values())
+    assert all(("qwen3-vl", "tiny", "logp", 4) in r and ("qwen3-vl", "odd-heads", "vision", 4) in r
+               for r in results.values())
     for sp in (2, 4):  # the worst case over ranks, families and head layouts (pytest -s shows it)
         worst = [max(v[k] for r in results.values() for key, v in r.items() if key[2:] == ("logp", sp))
                  for k in range(3)]

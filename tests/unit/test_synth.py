@@ -106,6 +106,7 @@ def test_decoded_background_at_the_evidence_shows_the_answer_colour(dataset):
 
 def test_rendered_agent_is_where_spatial_and_goal_answers_say():
     cfg = make_cfg(videos=6, seconds=32.0)
+    checked = {"spatial": 0, "goal": 0}
     for index in range(cfg.videos):
         script = synth.build_script(cfg, 3, index)
         clips = synth.clip_captions(script, cfg.clip_seconds)
@@ -120,6 +121,8 @@ def test_rendered_agent_is_where_spatial_and_goal_answers_say():
                 ys, xs = np.nonzero(np.all(frames[k] == 0, axis=-1))  # the agent is the only black shape
                 found = ("top" if ys.mean() < 28 else "bottom") + "-" + ("left" if xs.mean() < 28 else "right")
                 assert found == quadrant, (r["problem_id"], span, found)
+                checked[r["category"]] += 1
+    assert min(checked.values()) >= cfg.videos, checked  # every video's answers were looked at
 
 
 def test_answer_letters_are_balanced_without_writing_videos(tmp_path):

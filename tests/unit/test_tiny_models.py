@@ -12,15 +12,25 @@ from stages.models.tiny import FAMILIES, build_tiny, resolve_tiny
 def test_saved_and_reloaded_model_gives_identical_logits(tmp_path, family):
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
+    from stages.models.tiny import build_config, train_tokenizer
+
     path = build_tiny(family, tmp_path / family, seed=3)
     assert json.loads((path / "lvr_tiny.json").read_text())["family"] == family
-    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    model, info = AutoModelForImageTextToText.from_pretrained(path, output_loading_info=True)
+    model.eval()
+    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     tok = AutoTokenizer.from_pretrained(path)
-    # a fresh build from the same seed gives the same weights
-    again = AutoModelForImageTextToText.from_pretrained(build_tiny(family, tmp_path / "again", seed=3)).eval()
+    # the model as build_tiny made it in memory, before saving: same seed, same steps
+    made = train_tokenizer(seed=3)
+    config = build_config(family, vocab_size=len(made), token_ids=made.get_vocab())
+    torch.manual_seed(3)
+    before = AutoModelForImageTextToText.from_config(config, dtype=torch.float32).eval()
+    saved, loaded = before.state_dict(), model.state_dict()
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
     ids = torch.tensor([tok.encode("The red circle moves to the left corner.")])
     with torch.no_grad():
-        a, b = model(input_ids=ids).logits, again(input_ids=ids).logits
+        a, b = model(input_ids=ids).logits, before(input_ids=ids).logits
     assert a.shape == (1, ids.shape[1], len(tok))
     assert torch.equal(a, b)
     assert model.config.video_token_id == tok.convert_tokens_to_ids("<|video_pad|>")

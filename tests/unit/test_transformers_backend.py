@@ -19,7 +19,20 @@ def video_request(key, n_frames, height, width, text="Describe the clip.", frame
     return GenRequest(key, [{"role": "user", "content": content}], max_tokens=kw.pop("max_tokens", 12), **kw)
 
 
-def test_batched_equals_one_by_one_and_bad_items_fail_alone(backend):
+def test_batched_equals_one_by_one_and_bad_items_fail_alone(backend, monkeypatch):
+    calls = []  # (batch size, raised): a failed batch falls back to one-by-one, so watch it
+    plain = backend._generate
+
+    def watched(batch, first):
+        try:
+            out = plain(batch, first)
+        except Exception:
+            calls.append((len(batch), True))
+            raise
+        calls.append((len(batch), False))
+        return out
+
+    monkeypatch.setattr(backend, "_generate", watched)
     requests = [
         video_request("a", 4, 56, 56, frame_seed=1),
         video_request("b", 3, 100, 130, text="What changes over time in this longer clip?", frame_seed=2),
@@ -33,6 +46,7 @@ def test_batched_equals_one_by_one_and_bad_items_fail_alone(backend):
     assert [r.ok for r in batched] == [True, True, True, False, False]
     assert batched[3].error == "bad request: video part has no frames"
     assert "uint8" in batched[4].error
+    assert calls == [(3, False)]  # the three good requests went through one batched generate
     single = [backend.generate([r])[0] for r in requests[:3]]
     assert [r.text for r in batched[:3]] == [r.text for r in single]  # left padding changes nothing
     assert all(1 <= r.usage["completion_tokens"] <= 12 for r in batched[:3])
