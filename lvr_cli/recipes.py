@@ -133,6 +133,8 @@ class TrainSection(Section):
     steps: PosInt = 100
     micro_batch_per_rank: PosInt = 1
     global_batch: PosInt = 8
+    # recompute each decoder layer's activations in the backward: memory for long videos, ~1/3 more compute
+    gradient_checkpointing: bool = False
 
 
 class DeepspeedSection(Section):

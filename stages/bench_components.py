@@ -1,7 +1,7 @@
 """Per-rank time and peak memory of MR-SP's two parallel components at SP 1, 2, 4, ...
 
     python -m stages.bench_components [--model tiny:qwen2.5-vl-bench] [--frames 512]
-        [--sp 1 2 4] [--repeats 3] [--backward] [--out benchmarks/components]
+        [--sp 1 2 4] [--repeats 3] [--backward] [--checkpointing] [--out benchmarks/components]
 
 Where `lvr bench-mrsp` times whole GRPO steps, this script isolates the two pieces that
 sequence parallelism splits across ranks, on one long sequence (a video of `--frames`
@@ -15,6 +15,9 @@ random frames + a short multiple-choice question + a response of `--response-tok
 - `forward+backward` (with `--backward`): the same forward with gradients for the language
   model, the backward, and the sum of parameter gradients over the SP group (the vision
   tower is frozen, as in the default RL recipe).
+- `forward+backward checkpointed` (with `--checkpointing`): the same with gradient
+  checkpointing of every decoder layer (`train.gradient_checkpointing`): each layer's
+  activations are recomputed in the backward, under the same Ulysses attention.
 
 Every SP size from 2 runs in its own launch of `torch.distributed.run --standalone` (a free
 port chosen at run time; gloo on CPU, NCCL with one GPU per rank when CUDA is there; SP 1
@@ -54,7 +57,8 @@ import torch.distributed as dist
 from stages.bench_mrsp import libc, trim_heap
 
 REPO = Path(__file__).resolve().parents[1]
-PHASES = ("vision", "forward", "forward+backward")
+CHECKPOINTED = "forward+backward checkpointed"
+PHASES = ("vision", "forward", "forward+backward", CHECKPOINTED)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -67,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sp", type=int, nargs="+", default=[1, 2, 4], help="SP sizes (SP 1 is always run: the reference)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per phase after one warm-up")
     p.add_argument("--backward", action="store_true", help="also time forward+backward")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="also time forward+backward with gradient checkpointing (implies --backward)")
     p.add_argument("--chunk-tokens", type=int, default=1024, help="mrsp.logprob_chunk_tokens")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--tolerance", type=float, default=1e-5,
@@ -83,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--frames: give an even number >= 2 (a temporal patch is two frames)")
     if min(args.sp) < 1 or args.repeats < 1:
         p.error("--sp and --repeats must be >= 1")
+    args.backward = args.backward or args.checkpointing
     return args
 
 
@@ -155,6 +162,7 @@ def worker(args: argparse.Namespace) -> None:
     from stages.mrsp.logprobs import TokenBatch, token_logprobs
     from stages.mrsp.positions import padded_length, shard_range
     from stages.mrsp.runtime import Mode, Runtime
+    from stages.mrsp.trainer import disable_checkpointing, enable_checkpointing
     from stages.mrsp.vision import encode_sharded, temporal_slices
 
     hf_logging.disable_progress_bar()
@@ -185,9 +193,20 @@ def worker(args: argparse.Namespace) -> None:
         all_reduce_grads(params, grid.sp_group)
         adapter.model.zero_grad(set_to_none=True)
 
+    def checkpointed():  # layers checkpoint only in training mode
+        enable_checkpointing(adapter.model)
+        adapter.model.train()
+        try:
+            forward_backward()
+        finally:
+            disable_checkpointing(adapter.model)
+            adapter.model.eval()
+
     phases = {"vision": vision, "forward": forward}
     if args.backward:
         phases["forward+backward"] = forward_backward
+    if args.checkpointing:
+        phases[CHECKPOINTED] = checkpointed
     figures = {}
     emb, figures["vision"] = time_phase(vision, grid, args.repeats)
     b = TokenBatch.from_rows([(i, p, [emb], m) for i, p, m in rt.rows(sample, [response])], rt.pad_id)
@@ -198,6 +217,8 @@ def worker(args: argparse.Namespace) -> None:
         for p in params:
             p.requires_grad_(True)
         _, figures["forward+backward"] = time_phase(forward_backward, grid, args.repeats)
+    if args.checkpointing:
+        _, figures[CHECKPOINTED] = time_phase(checkpointed, grid, args.repeats)
 
     if grid.device.type == "cpu":
         exact_rss_mode()

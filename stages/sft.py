@@ -58,7 +58,8 @@ def run(recipe, run) -> dict:
     micro = recipe.train.micro_batch_per_rank
     engine = TrainEngine(adapter.model, grid, recipe.optim, recipe.deepspeed, total_steps=recipe.train.steps,
                          accum_steps=per_rank // micro, freeze_vision=recipe.model.freeze_vision,
-                         freeze_llm_layers=recipe.model.freeze_llm_layers)
+                         freeze_llm_layers=recipe.model.freeze_llm_layers,
+                         gradient_checkpointing=recipe.train.gradient_checkpointing)
     start = resume(engine, run)
     adapter.model.train()
     history = []
@@ -105,7 +106,7 @@ def run(recipe, run) -> dict:
             "loss_first": history[0]["loss"] if history else None,
             "loss_last": history[-1]["loss"] if history else None,
             "eval_loss_last": next((h["eval_loss"] for h in reversed(history) if "eval_loss" in h), None),
-            "failed": 0}
+            "gradient_checkpointing": engine.checkpointing, "failed": 0}
 
 
 def held_out_loss(rt: Runtime, records: list[dict], recipe, grid) -> float:

@@ -62,14 +62,35 @@ def trainable_parameters(model, freeze_vision: bool, freeze_llm_layers: int) -> 
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def enable_checkpointing(model, context: bool = True) -> None:
+    """Gradient checkpointing of every layer; with `context` (always, but in the test's
+    control) a layer's recompute runs under the SP attention it ran forward with."""
+    from stages.mrsp.ulysses import checkpoint_contexts
+
+    kwargs = {"use_reentrant": False, **({"context_fn": checkpoint_contexts} if context else {})}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def disable_checkpointing(model) -> None:
+    off = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    off()
+
+
 class TrainEngine:
     """Backward, optimizer step, schedule and state of one model on one process grid."""
 
     def __init__(self, model, grid: Grid, optim, deepspeed_cfg, total_steps: int, accum_steps: int,
-                 freeze_vision: bool = True, freeze_llm_layers: int = 0):
+                 freeze_vision: bool = True, freeze_llm_layers: int = 0, gradient_checkpointing: bool = False):
         self.model, self.grid, self.accum_steps = model, grid, accum_steps
         self.max_grad_norm = optim.max_grad_norm
         params = trainable_parameters(model, freeze_vision, freeze_llm_layers)
+        if gradient_checkpointing:
+            enable_checkpointing(model)
+        # what the layers report, for the stage summary (not the recipe flag)
+        self.checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
         self.optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas),
                                            weight_decay=optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

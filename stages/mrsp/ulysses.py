@@ -101,12 +101,30 @@ def sp_attention(model, group, attend=None):
         yield
         return
     register()
-    text_config = model.config.get_text_config()
-    previous = text_config._attn_implementation
+    with _active(model.config.get_text_config(), group, attend or causal_attention):
+        yield
+
+
+@contextlib.contextmanager
+def _active(text_config, group, attend):
+    """Switch `text_config` to `lvr_ulysses` over `group` with `attend`; restore what was there."""
+    before = (text_config._attn_implementation, getattr(_state, "config", None), getattr(_state, "group", None),
+              getattr(_state, "attend", None), getattr(_state, "active", False))
     text_config._attn_implementation = NAME
-    _state.group, _state.attend, _state.active = group, attend or causal_attention, True
+    _state.config, _state.group, _state.attend, _state.active = text_config, group, attend, True
     try:
         yield
     finally:
-        text_config._attn_implementation = previous
-        _state.group, _state.attend, _state.active = None, None, False
+        text_config._attn_implementation = before[0]
+        _state.config, _state.group, _state.attend, _state.active = before[1:]
+
+
+def checkpoint_contexts():
+    """`context_fn` of torch.utils.checkpoint for gradient checkpointing: a layer's recompute in
+    the backward runs under the SP attention (group, `attend`) that was active when the layer
+    ran forward; `sp_attention` has exited by then, and without this the recompute would run
+    the model's own attention on the local shard: wrong gradients, and all-to-alls missing
+    from the backward."""
+    if not getattr(_state, "active", False):
+        return contextlib.nullcontext(), contextlib.nullcontext()
+    return contextlib.nullcontext(), _active(_state.config, _state.group, _state.attend)

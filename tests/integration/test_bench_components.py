@@ -9,7 +9,7 @@ from stages.bench_components import PHASES, main
 def test_bench_components_writes_per_rank_figures_and_checks_sp_against_sp1(tmp_path):
     out = tmp_path / "components"
     # --sp 2 only: SP 1, the reference of the log-prob check, is run anyway
-    rc = main(["--model", "tiny:qwen2.5-vl", "--frames", "8", "--sp", "2", "--repeats", "1", "--backward",
+    rc = main(["--model", "tiny:qwen2.5-vl", "--frames", "8", "--sp", "2", "--repeats", "1", "--checkpointing",
                "--out", str(out)])
     assert rc == 0
     data = json.loads(Path(f"{out}.json").read_text())

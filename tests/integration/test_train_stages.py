@@ -150,7 +150,8 @@ def test_rl_resume_after_sigkill_equals_uninterrupted(rl_runs):
 @pytest.mark.parametrize("freeze_vision", [True, False])
 def test_sft_sp2_matches_sp1_and_checkpoint_loads(tiny_data, tmp_path, freeze_vision):
     """A trainable vision tower gets its gradient through the sharded encode's all-gather:
-    SP 2 must match SP 1 with it too, and its weights must move (and stay put when frozen)."""
+    SP 2 must match SP 1 with it too, and its weights must move (and stay put when frozen).
+    With it, SP 2 also runs with gradient checkpointing (recompute under Ulysses attention)."""
     from transformers import AutoModelForImageTextToText
 
     from stages.models.tiny import resolve_tiny
@@ -160,8 +161,11 @@ def test_sft_sp2_matches_sp1_and_checkpoint_loads(tiny_data, tmp_path, freeze_vi
     vision = f"model.freeze_vision={str(freeze_vision).lower()}"
     lvr_ok("sft", recipe, vision)
     lvr_ok("sft", recipe, vision, f"output.dir={json.dumps(str(tmp_path / 'sp2'))}", "launch.nproc_per_node=2",
-           "mrsp.sp_size=2")
+           "mrsp.sp_size=2", f"train.gradient_checkpointing={str(not freeze_vision).lower()}")
     one, two = metrics(tmp_path / "sp1"), metrics(tmp_path / "sp2")
+    checkpointing = [json.loads((tmp_path / r / "summary.json").read_text())["gradient_checkpointing"]
+                     for r in ("sp1", "sp2")]
+    assert checkpointing == [False, not freeze_vision]
     assert len(one) == len(two) == 3
     for a, b in zip(one, two):
         assert abs(a["loss"] - b["loss"]) <= 1e-4, (a["step"], a["loss"], b["loss"])

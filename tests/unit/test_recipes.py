@@ -125,5 +125,6 @@ def test_real_model_training_recipes_carry_the_paper_settings():
     assert rl.model.dtype == "bfloat16" and rl.rollout.engine == "hf"
     sft = load_recipe(root / "sft.toml", [])
     assert sft.model.path == "Qwen/Qwen2.5-VL-7B-Instruct" and sft.mrsp.sp_size == 4
+    assert sft.train.gradient_checkpointing and rl.train.gradient_checkpointing
     bench = load_recipe(root / "bench.toml", [])
     assert 512 in bench.bench.frames and bench.rollout.n == 5 and bench.mrsp.sp_size == 4
