@@ -281,6 +281,21 @@ class EvalDuringTrain(Section):
     limit: PosInt | None = None
 
 
+class LoraSection(Section):
+    enabled: bool = False
+    r: PosInt = 16
+    alpha: PosFloat = 32.0
+    dropout: Fraction = 0.0
+    # linear layers of the language model that get adapters (the vision tower gets none)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+    @model_validator(mode="after")
+    def _targets(self):
+        if not self.target_modules:
+            raise ValueError("target_modules: name at least one linear layer (e.g. q_proj)")
+        return self
+
+
 class _Trainer(Recipe):
     data: DataSection
     model: ModelSection = ModelSection()
@@ -294,9 +309,13 @@ class _Trainer(Recipe):
     mrsp: MrspSection = MrspSection()
     launch: LaunchSection = LaunchSection()
     hub: HubSection = HubSection()
+    lora: LoraSection = LoraSection()
 
     @model_validator(mode="after")
     def _batch(self):
+        if self.lora.enabled and not self.model.freeze_vision:
+            raise ValueError("lora.enabled: LoRA trains adapters on the language model only; "
+                             "set model.freeze_vision = true")
         dp = max(1, self.world_size() // self.mrsp.sp_size)
         if self.train.global_batch % (self.train.micro_batch_per_rank * dp):
             raise ValueError(

@@ -63,7 +63,7 @@ def run(recipe, run) -> dict:
     engine = TrainEngine(adapter.model, grid, recipe.optim, recipe.deepspeed,
                          total_steps=recipe.train.steps * algo.ppo_epochs * algo.mini_batches, accum_steps=accum,
                          freeze_vision=recipe.model.freeze_vision, freeze_llm_layers=recipe.model.freeze_llm_layers,
-                         gradient_checkpointing=recipe.train.gradient_checkpointing)
+                         gradient_checkpointing=recipe.train.gradient_checkpointing, lora=recipe.lora)
 
     start = resume(engine, run)
     adapter.model.train()
@@ -88,7 +88,7 @@ def run(recipe, run) -> dict:
     mean = (lambda xs: round(sum(xs) / len(xs), 4) if xs else None)
     return {"steps": recipe.train.steps, "resumed_from": start, "final": str(final),
             "accuracy_first_half": mean(acc[:half]), "accuracy_second_half": mean(acc[half:]),
-            "gradient_checkpointing": engine.checkpointing, "failed": 0}
+            "gradient_checkpointing": engine.checkpointing, "trainable_params": engine.trainable_params, "failed": 0}
 
 
 def train_step(recipe, run, rt: Runtime, ref: VLAdapter | None, engine: TrainEngine, records, video_dir,

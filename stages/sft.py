@@ -59,7 +59,7 @@ def run(recipe, run) -> dict:
     engine = TrainEngine(adapter.model, grid, recipe.optim, recipe.deepspeed, total_steps=recipe.train.steps,
                          accum_steps=per_rank // micro, freeze_vision=recipe.model.freeze_vision,
                          freeze_llm_layers=recipe.model.freeze_llm_layers,
-                         gradient_checkpointing=recipe.train.gradient_checkpointing)
+                         gradient_checkpointing=recipe.train.gradient_checkpointing, lora=recipe.lora)
     start = resume(engine, run)
     adapter.model.train()
     history = []
@@ -106,7 +106,7 @@ def run(recipe, run) -> dict:
             "loss_first": history[0]["loss"] if history else None,
             "loss_last": history[-1]["loss"] if history else None,
             "eval_loss_last": next((h["eval_loss"] for h in reversed(history) if "eval_loss" in h), None),
-            "gradient_checkpointing": engine.checkpointing, "failed": 0}
+            "gradient_checkpointing": engine.checkpointing, "trainable_params": engine.trainable_params, "failed": 0}
 
 
 def held_out_loss(rt: Runtime, records: list[dict], recipe, grid) -> float:

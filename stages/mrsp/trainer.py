@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from stages.mrsp.lora import apply_lora, has_lora, load_adapter_weights, save_pretrained
+
 from stages.mrsp.dist import Grid
 
 
@@ -83,10 +85,14 @@ class TrainEngine:
     """Backward, optimizer step, schedule and state of one model on one process grid."""
 
     def __init__(self, model, grid: Grid, optim, deepspeed_cfg, total_steps: int, accum_steps: int,
-                 freeze_vision: bool = True, freeze_llm_layers: int = 0, gradient_checkpointing: bool = False):
+                 freeze_vision: bool = True, freeze_llm_layers: int = 0, gradient_checkpointing: bool = False,
+                 lora=None):
         self.model, self.grid, self.accum_steps = model, grid, accum_steps
         self.max_grad_norm = optim.max_grad_norm
+        if lora is not None and lora.enabled:
+            apply_lora(model, lora)  # only the adapters train from here on
         params = trainable_parameters(model, freeze_vision, freeze_llm_layers)
+        self.trainable_params = sum(p.numel() for p in params)
         if gradient_checkpointing:
             enable_checkpointing(model)
         # what the layers report, for the stage summary (not the recipe flag)
@@ -154,7 +160,7 @@ class TrainEngine:
         if self.grid.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            self.model.save_pretrained(tmp, safe_serialization=True)
+            save_pretrained(self.model, tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / "trainer").mkdir()
             (tmp / "trainer" / "state.json").write_text(json.dumps(state, indent=2) + "\n")
@@ -178,12 +184,15 @@ class TrainEngine:
         if self.ds is not None:
             self.ds.load_checkpoint(str(folder / "trainer"), tag="ds")
         else:
-            weights = {}
-            for f in sorted(folder.glob("*.safetensors")):
-                weights.update(load_file(f))
-            missing, unexpected = self.model.load_state_dict(weights, strict=False)
-            if unexpected:
-                raise RuntimeError(f"{folder}: unexpected weights {unexpected[:3]}")
+            if has_lora(self.model):  # the base weights are model.path's: only the adapters trained
+                load_adapter_weights(self.model, folder)
+            else:
+                weights = {}
+                for f in sorted(folder.glob("*.safetensors")):
+                    weights.update(load_file(f))
+                missing, unexpected = self.model.load_state_dict(weights, strict=False)
+                if unexpected:
+                    raise RuntimeError(f"{folder}: unexpected weights {unexpected[:3]}")
             saved = torch.load(folder / "trainer" / "optim.pt", weights_only=False)
             self.optimizer.load_state_dict(saved["optimizer"])
             self.scheduler.load_state_dict(saved["scheduler"])
@@ -310,7 +319,7 @@ def save_final(adapter, run_path: Path, model_path: str, grid: Grid) -> Path:
     """`final/`: the trained model in Hugging Face format with its tokenizer and processor."""
     final = run_path / "final"
     if grid.is_main:
-        adapter.model.save_pretrained(final, safe_serialization=True)
+        save_pretrained(adapter.model, final)
         adapter.tokenizer.save_pretrained(final)
         _copy_processor_files(model_path, final)
     return final

@@ -179,3 +179,83 @@ def test_sft_sp2_matches_sp1_and_checkpoint_loads(tiny_data, tmp_path, freeze_vi
     if not freeze_vision:  # SP 2's vision tower trained to the same weights
         two_visual = AutoModelForImageTextToText.from_pretrained(tmp_path / "sp2" / "final").model.visual.state_dict()
         assert max(float((two_visual[k] - trained[k]).abs().max()) for k in trained) < 1e-4
+
+
+@pytest.mark.parametrize("deepspeed", [True, False])
+def test_sft_lora_trains_adapters_merges_into_final_and_resumes(tiny_data, tmp_path, deepspeed):
+    """LoRA: only the adapters train; `final/` holds the merged weights under the base names
+    (logits equal to base + the saved adapter loaded by peft itself); a run stopped after a
+    checkpoint resumes to the uninterrupted run's metrics."""
+    import shutil
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from stages.models.tiny import resolve_tiny
+
+    recipe = tmp_path / "sft.toml"
+    recipe.write_text(SFT.format(data=tiny_data, out=tmp_path / "whole"))
+    args = ["lora.enabled=true", "lora.r=4", "lora.target_modules=['q_proj','v_proj','down_proj']",
+            "train.steps=4", "checkpoint.every_steps=2", "checkpoint.keep_last=2", "eval.every_steps=2",
+            f"deepspeed.enabled={str(deepspeed).lower()}"]
+    lvr_ok("sft", recipe, *args)
+    whole = tmp_path / "whole"
+    summary = json.loads((whole / "summary.json").read_text())
+    init = AutoModelForImageTextToText.from_pretrained(resolve_tiny("tiny:qwen2.5-vl"))
+    layers = init.model.language_model.layers
+    expected = sum(4 * (m.in_features + m.out_features) for layer in layers
+                   for m in (layer.self_attn.q_proj, layer.self_attn.v_proj, layer.mlp.down_proj))
+    assert summary["trainable_params"] == expected
+    runs = metrics(whole)
+    assert runs[-1]["loss"] < runs[0]["loss"]
+
+    model, info = AutoModelForImageTextToText.from_pretrained(whole / "final", output_loading_info=True)
+    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys")), info
+    before, after = init.state_dict(), model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight", "down_proj.weight")) for k in changed), changed
+    assert not any(".visual." in k for k in changed)
+    base = AutoModelForImageTextToText.from_pretrained(resolve_tiny("tiny:qwen2.5-vl"))
+    peft_model = PeftModel.from_pretrained(base, whole / "final" / "lora").eval()
+    ids = torch.tensor([[5, 40, 41, 300, 7, 99]])
+    with torch.no_grad():
+        merged, unmerged = model.eval()(input_ids=ids).logits, peft_model(input_ids=ids).logits
+    assert (merged - unmerged).abs().max() < 1e-5
+
+    # the same run as if stopped right after the step 2 checkpoint: no summary, no later
+    # checkpoint, no final (metrics of steps 3-4 stay: resuming drops them)
+    shutil.copytree(whole, tmp_path / "uninterrupted")
+    for p in ("summary.json", "final", "checkpoints/step_4"):
+        shutil.rmtree(whole / p) if (whole / p).is_dir() else (whole / p).unlink()
+    lvr_ok("sft", recipe, *args)
+    resumed = json.loads((whole / "summary.json").read_text())
+    assert resumed["resumed"] and resumed["resumed_from"] == 2
+    again = metrics(whole)
+    assert [m["step"] for m in again] == [1, 2, 3, 4]
+    for a, b in zip(runs, again):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), (a["step"], a["loss"], b["loss"])
+
+
+def test_rl_with_lora_moves_only_the_adapted_layers(tiny_data, tmp_path):
+    """GRPO through LoRA: rollouts, old/ref/update forwards run on the injected model; the
+    merged `final/` differs from the start only in the adapted layers."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from stages.models.tiny import resolve_tiny
+
+    recipe = tmp_path / "rl.toml"
+    recipe.write_text(RL.format(data=tiny_data, out=tmp_path / "rl"))
+    lvr_ok("rl", recipe, "lora.enabled=true", "lora.r=2", "lora.target_modules=['o_proj','up_proj']",
+           "train.steps=2", "checkpoint.every_steps=2")
+    summary = json.loads((tmp_path / "rl" / "summary.json").read_text())
+    init = AutoModelForImageTextToText.from_pretrained(resolve_tiny("tiny:qwen2.5-vl"))
+    layers = init.model.language_model.layers
+    assert summary["trainable_params"] == sum(2 * (m.in_features + m.out_features) for layer in layers
+                                              for m in (layer.self_attn.o_proj, layer.mlp.up_proj))
+    steps = metrics(tmp_path / "rl")
+    assert [m["step"] for m in steps] == [1, 2] and steps[1]["kl"] != 0  # the policy left the reference
+    final = AutoModelForImageTextToText.from_pretrained(tmp_path / "rl" / "final").state_dict()
+    changed = {k for k, v in init.state_dict().items() if not torch.equal(v, final[k])}
+    assert changed and all(k.endswith(("o_proj.weight", "up_proj.weight")) for k in changed), changed
