@@ -358,9 +358,6 @@ class RLRecipe(_Trainer):
     def _group(self):
         if self.rollout.n < 2:
             raise ValueError("rollout.n: GRPO needs at least 2 rollouts per question")
-        if not self.model.freeze_vision:
-            raise ValueError("model.freeze_vision: rl keeps the vision tower frozen (one video embedding "
-                             "serves the rollouts and the old, reference and update forwards); set it true")
         per_rank = self.train.global_batch // max(1, self.world_size() // self.mrsp.sp_size)
         if per_rank % (self.algo.mini_batches * self.train.micro_batch_per_rank):
             raise ValueError(f"algo.mini_batches: {per_rank} questions per rank per step do not split into "

@@ -11,6 +11,9 @@ Where it departs from the paper:
   prefill per group, G rows decoded together), which also runs on CPU.
 - Within an SP group every rank decodes the same rollouts (same seed): rollouts are not
   split across the group. The long prefill of the training forwards is.
+- `model.freeze_vision = false` trains the vision tower too: the update forward re-encodes
+  with gradients, embeddings are dropped after each optimizer step, and the reference
+  encodes with its own tower (`Runtime.model_embed`).
 - Old-policy log-probs are recomputed by a teacher-forced forward (as verl does), not taken
   from the sampler, so the ratio is exact even when the engine's numerics differ.
 - With `mrsp.shared_prompt` (the default) the old, reference and update forwards run each
@@ -52,6 +55,7 @@ def run(recipe, run) -> dict:
         ref_model.requires_grad_(False)
         ref = VLAdapter(ref_model, adapter.tokenizer, adapter.patch_spec)
     rt = Runtime.from_recipe(adapter, grid, recipe)
+    rt.vision_trains = not recipe.model.freeze_vision
 
     records = read_jsonl(recipe.data.input, on_error=lambda line, why: run.error(f"{recipe.data.input}:{line}", why))
     records = records[:recipe.data.limit] if recipe.data.limit else records
@@ -163,7 +167,8 @@ def train_step(recipe, run, rt: Runtime, ref: VLAdapter | None, engine: TrainEng
         for u0 in range(0, per_rank, micro):
             idx = range(u0, min(u0 + micro, len(samples)))
             loss = torch.zeros((), requires_grad=True)
-            lps, ents = rt.group_logprobs([samples[q] for q in idx], [responses[q] for q in idx], entropy=True)
+            lps, ents = rt.group_logprobs([samples[q] for q in idx], [responses[q] for q in idx], entropy=True,
+                                          grad_vision=rt.vision_trains)
             for q, lp_list, ent_list in zip(idx, lps, ents):
                 lp, mask = pad_rows(lp_list)
                 mask = mask & bool(keep_group[q])
@@ -176,7 +181,8 @@ def train_step(recipe, run, rt: Runtime, ref: VLAdapter | None, engine: TrainEng
                     stats_acc.setdefault(k, []).append(float(v))
                 loss = loss + total / len(idx)
             engine.backward(loss)
-            engine.step()
+            if engine.step() and rt.vision_trains:
+                rt.cache.vision_changed()  # the next update re-encodes with the new tower
     timers["update"] = time.perf_counter() - t
 
     # 7. metrics and samples

@@ -130,6 +130,9 @@ class Runtime:
         self.pad_id = adapter.tokenizer.pad_token_id if adapter.tokenizer.pad_token_id is not None else 0
         self.eos_id = adapter.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.train_forward_tokens = self.train_forward_tokens_unshared = 0
+        # A trainable vision tower: another model (the frozen reference) no longer shares the
+        # policy's video embedding and encodes with its own tower (`model_embed`).
+        self.vision_trains = False
 
     @classmethod
     def from_recipe(cls, adapter: VLAdapter, grid: Grid, recipe, mode: Mode | None = None) -> "Runtime":
@@ -182,6 +185,19 @@ class Runtime:
                 return encode_sharded(self.adapter, v.pixels, v.grid_thw, self.sp_grid)
 
         return self.cache.get(v.key, encode, grad=grad)
+
+    def model_embed(self, sample: Sample, model: VLAdapter, grad: bool = False) -> VideoEmbedding:
+        """The embedding `model` sees: the policy's (`embed`), unless the policy's vision tower
+        trains and `model` is another one, which then encodes with its own tower (cached too)."""
+        if model is self.adapter or not self.vision_trains:
+            return self.embed(sample, grad=grad)
+        v = sample.video
+
+        def encode() -> VideoEmbedding:
+            with torch.no_grad():
+                return encode_sharded(model, v.pixels, v.grid_thw, self.sp_grid)
+
+        return self.cache.get(f"{v.key}|model {id(model)}", encode)
 
     def new_step(self) -> None:
         self.cache.new_step()
@@ -246,13 +262,14 @@ class Runtime:
         MR-SP with shared prompts: one SP forward over all the samples' groups, each prompt
         run once (`shared.py`); MR-SP: one SP forward per sample over its group's rows, with
         the cached embedding; otherwise one forward per sequence, each re-encoding.
-        `model`: another model of the same vision tower (the frozen reference) to run instead."""
+        `model`: another model (the frozen reference) to run instead; it shares the policy's video
+        embedding unless the policy's vision tower trains (`vision_trains`)."""
         model = model or self.adapter
         rows = [self.rows(s, resp) for s, resp in zip(samples, responses)]
         self.train_forward_tokens_unshared += sum(len(i) for r in rows for i, _, _ in r)
         if self.mode.reuse_embeddings and self.mode.shared_prompt and any(len(r) > 1 for r in responses):
             groups = [PromptGroup(s.prompt.input_ids.shape[0], [(i, p) for i, p, _ in r],
-                                  [self.embed(s, grad=grad_vision)]) for s, r in zip(samples, rows)]
+                                  [self.model_embed(s, model, grad_vision)]) for s, r in zip(samples, rows)]
             self.train_forward_tokens += sum(g.shared_tokens for g in groups)
             return shared_logprobs(model, groups, self.sp_grid, self.chunk_tokens, entropy)
         self.train_forward_tokens += sum(len(i) for r in rows for i, _, _ in r)
@@ -266,14 +283,14 @@ class Runtime:
     def _unshared_logprobs(self, sample: Sample, rows: list[tuple], lengths: list[int], entropy: bool,
                            grad_vision: bool, model: VLAdapter) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         if self.mode.reuse_embeddings:
-            emb = self.embed(sample, grad=grad_vision)
+            emb = self.model_embed(sample, model, grad_vision)
             batch = TokenBatch.from_rows([(i, p, [emb], m) for i, p, m in rows], self.pad_id)
             logp, ent = token_logprobs(model, batch, self.sp_grid, self.chunk_tokens, entropy)
             return self._split(logp, batch.score_mask, lengths), (
                 self._split(ent, batch.score_mask, lengths) if entropy else [])
         logps, ents = [], []
         for (i, p, m), T in zip(rows, lengths):
-            emb = self.embed(sample, grad=grad_vision)
+            emb = self.model_embed(sample, model, grad_vision)
             batch = TokenBatch.from_rows([(i, p, [emb], m)], self.pad_id)
             lp, en = token_logprobs(model, batch, self.sp_grid, self.chunk_tokens, entropy)
             logps += self._split(lp, batch.score_mask, [T])

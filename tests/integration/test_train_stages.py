@@ -259,3 +259,30 @@ def test_rl_with_lora_moves_only_the_adapted_layers(tiny_data, tmp_path):
     final = AutoModelForImageTextToText.from_pretrained(tmp_path / "rl" / "final").state_dict()
     changed = {k for k, v in init.state_dict().items() if not torch.equal(v, final[k])}
     assert changed and all(k.endswith(("o_proj.weight", "up_proj.weight")) for k in changed), changed
+
+
+def test_rl_with_a_trainable_vision_tower_sp2_matches_sp1(tiny_data, tmp_path):
+    """`model.freeze_vision = false` in GRPO: the update forward re-encodes with gradients, the
+    reference encodes with its own tower; SP 2 gives SP 1's losses and the tower trains."""
+    from transformers import AutoModelForImageTextToText
+
+    from stages.models.tiny import resolve_tiny
+
+    recipe = tmp_path / "rl.toml"
+    recipe.write_text(RL.format(data=tiny_data, out=tmp_path / "sp1"))
+    args = ["model.freeze_vision=false", "train.steps=2", "checkpoint.every_steps=2"]
+    lvr_ok("rl", recipe, *args)
+    lvr_ok("rl", recipe, *args, f"output.dir={json.dumps(str(tmp_path / 'sp2'))}", "launch.nproc_per_node=2",
+           "mrsp.sp_size=2")
+    one, two = metrics(tmp_path / "sp1"), metrics(tmp_path / "sp2")
+    for a, b in zip(one, two):
+        for k in ("loss", "kl", "entropy", "grad_norm"):
+            assert abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])), (a["step"], k, a[k], b[k])
+        # 2 questions on 2 videos per step: per video one encode for the rollouts and the old
+        # forward and one by the reference's own tower, plus one with gradients per update
+        # micro-batch (1 question each): 2 + 2 + 2 (a frozen tower: 2)
+        assert a["vision_encodes"] == b["vision_encodes"] == 6, (a["vision_encodes"], b["vision_encodes"])
+    assert one[0]["kl"] == 0 and one[1]["kl"] != 0  # step 1 updates from the reference itself
+    init = AutoModelForImageTextToText.from_pretrained(resolve_tiny("tiny:qwen2.5-vl")).model.visual.state_dict()
+    trained = AutoModelForImageTextToText.from_pretrained(tmp_path / "sp1" / "final").model.visual.state_dict()
+    assert max(float((trained[k] - init[k]).abs().max()) for k in init) > 1e-5

@@ -41,8 +41,6 @@ def test_every_schema_round_trips(tmp_path, stage):
     ('stage = "rl"\n[data]\ninput = "x"\n[rollout]\nn = "many"\n', "rollout.n", "valid integer"),
     ('stage = "rl"\n[data]\ninput = "x"\n[rollout]\nn = 1\n', "rollout.n", "at least 2"),
     ('stage = "rl"\n', "data", "required key is missing"),
-    ('stage = "rl"\n[data]\ninput = "x"\n[model]\nfreeze_vision = false\n', "model.freeze_vision",
-     "keeps the vision tower frozen"),
     ('stage = "rl"\n[data]\ninput = "x"\n[rollout]\nengine = "vllm"\n', "rollout.engine",
      "not wired into the MR-SP rollouts yet"),
     ('stage = "sft"\n[data]\ninput = "x"\n[model]\nfreeze_vision = false\n[lora]\nenabled = true\n',
