@@ -10,7 +10,7 @@ STAGES = [("synth", "data"), ("filter", "filter"), ("sft", "sft"), ("eval", "eva
           ("eval", "eval")]
 KEYS = {"synth": ["seconds"], "filter": ["items", "rl", "sft", "mean_pass_rate", "seconds"],
         "sft": ["steps", "loss_first", "loss_last", "eval_loss_last", "seconds"],
-        "rl": ["steps", "accuracy_first_half", "accuracy_second_half", "seconds"],
+        "rl": ["steps", "accuracy_first_half", "accuracy_second_half", "eval_accuracy_last", "seconds"],
         "eval": ["items", "accuracy", "by_category", "unparsed", "seconds"]}
 
 

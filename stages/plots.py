@@ -40,7 +40,7 @@ def plot_metrics(metrics_path: Path, out_path: Path, keys: list[str], title: str
 # The curves `lvr sft` and `lvr rl` draw at the end of a run: stage -> (PNG name, keys, title).
 CURVES = {
     "sft": ("loss.png", ["loss", "eval_loss"], "CoT-SFT loss"),
-    "rl": ("rewards.png", ["reward/total", "reward/accuracy", "reward/format"], "GRPO rewards"),
+    "rl": ("rewards.png", ["reward/total", "reward/accuracy", "reward/format", "eval_accuracy"], "GRPO rewards"),
 }
 
 

@@ -71,28 +71,58 @@ def run(recipe, run) -> dict:
 
     start = resume(engine, run)
     adapter.model.train()
+    held_out = read_jsonl(recipe.eval.input)[:recipe.eval.limit or None] if recipe.eval.input else []
+    if held_out and start == 0:  # where the policy starts, as step 0
+        run.metric(0, **held_out_accuracy(rt, held_out, recipe, grid))
     history = []
     with run.progress("rl steps", recipe.train.steps) as bar:
         bar.advance(start)
         for step in range(start, recipe.train.steps):
             metrics = train_step(recipe, run, rt, ref, engine, records, video_dir, step, G, algo, per_rank, micro)
+            if held_out and ((step + 1) % recipe.eval.every_steps == 0 or step + 1 == recipe.train.steps):
+                metrics.update(held_out_accuracy(rt, held_out, recipe, grid))
             history.append(metrics)
             run.metric(step + 1, **metrics)
             save_checkpoint(engine, adapter, run.path, recipe, step + 1)
             bar.advance()
     final = save_final(adapter, run.path, recipe.model.path, grid)
     if grid.is_main:
-        from stages.plots import plot_metrics
+        from stages.plots import CURVES, plot_metrics
 
-        plot_metrics(run.file("metrics.jsonl"), run.file("rewards.png"),
-                     ["reward/total", "reward/accuracy", "reward/format"], "GRPO rewards")
+        name, keys, title = CURVES["rl"]
+        plot_metrics(run.file("metrics.jsonl"), run.file(name), keys, title)
     # One step's accuracy is a few questions' worth: compare the halves of the run instead.
     acc = [m["reward/accuracy"] for m in history if "reward/accuracy" in m]
     half = len(acc) // 2
     mean = (lambda xs: round(sum(xs) / len(xs), 4) if xs else None)
     return {"steps": recipe.train.steps, "resumed_from": start, "final": str(final),
             "accuracy_first_half": mean(acc[:half]), "accuracy_second_half": mean(acc[half:]),
+            "eval_accuracy_last": next((h["eval_accuracy"] for h in reversed(history) if "eval_accuracy" in h), None),
             "gradient_checkpointing": engine.checkpointing, "trainable_params": engine.trainable_params, "failed": 0}
+
+
+def held_out_accuracy(rt: Runtime, records: list[dict], recipe, grid) -> dict:
+    """Greedy accuracy on the held-out records (`[eval]`), overall and per category, scored by
+    the RL accuracy reward; each DP rank takes its share. Unreadable items are left out."""
+    video_dir = str(Path(recipe.eval.input).parent)
+    greedy = Sampling(0.0, 1.0, recipe.rollout.max_new_tokens)
+    sums = {f"{c}/{i}": 0.0 for c in ("all", *CATEGORIES) for i in (0, 1)}
+    for rec in records[grid.dp_rank::grid.dp_size]:
+        try:
+            sample = rt.sample(rec, video_dir)
+        except (VideoDecodeError, KeyError, ValueError):
+            continue
+        (rollout,), = rt.generate([sample], 1, greedy)
+        text = rt.response_text(rollout.token_ids)
+        right = combined_reward(text, rec["answer"], options=rec.get("options"))["accuracy"]
+        for c in ("all", rec.get("category", rec.get("problem_type"))):
+            if f"{c}/0" in sums:
+                sums[f"{c}/0"] += right
+                sums[f"{c}/1"] += 1
+    sums = dp_mean(sums, grid)  # a mean of sums: the ratios below are unchanged
+    out = {"eval_accuracy": sums["all/0"] / max(sums["all/1"], 1e-9)}
+    out.update({f"eval_accuracy/{c}": sums[f"{c}/0"] / sums[f"{c}/1"] for c in CATEGORIES if sums[f"{c}/1"] > 0})
+    return {k: round(v, 6) for k, v in out.items()}
 
 
 def train_step(recipe, run, rt: Runtime, ref: VLAdapter | None, engine: TrainEngine, records, video_dir,

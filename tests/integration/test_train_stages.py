@@ -239,7 +239,7 @@ def test_sft_lora_trains_adapters_merges_into_final_and_resumes(tiny_data, tmp_p
 
 def test_rl_with_lora_moves_only_the_adapted_layers(tiny_data, tmp_path):
     """GRPO through LoRA: rollouts, old/ref/update forwards run on the injected model; the
-    merged `final/` differs from the start only in the adapted layers."""
+    merged `final/` differs from the start only in the adapted layers. With `[eval]`."""
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -248,14 +248,18 @@ def test_rl_with_lora_moves_only_the_adapted_layers(tiny_data, tmp_path):
     recipe = tmp_path / "rl.toml"
     recipe.write_text(RL.format(data=tiny_data, out=tmp_path / "rl"))
     lvr_ok("rl", recipe, "lora.enabled=true", "lora.r=2", "lora.target_modules=['o_proj','up_proj']",
-           "train.steps=2", "checkpoint.every_steps=2")
+           "train.steps=2", "checkpoint.every_steps=2", f"eval.input={json.dumps(str(tiny_data / 'eval.jsonl'))}",
+           "eval.every_steps=1", "eval.limit=2")
     summary = json.loads((tmp_path / "rl" / "summary.json").read_text())
     init = AutoModelForImageTextToText.from_pretrained(resolve_tiny("tiny:qwen2.5-vl"))
     layers = init.model.language_model.layers
     assert summary["trainable_params"] == sum(2 * (m.in_features + m.out_features) for layer in layers
                                               for m in (layer.self_attn.o_proj, layer.mlp.up_proj))
     steps = metrics(tmp_path / "rl")
-    assert [m["step"] for m in steps] == [1, 2] and steps[1]["kl"] != 0  # the policy left the reference
+    # [eval] during RL: held-out greedy accuracy before training (step 0) and after each step
+    assert [m["step"] for m in steps] == [0, 1, 2] and steps[2]["kl"] != 0  # the policy left the reference
+    assert all(0 <= m["eval_accuracy"] <= 1 for m in steps) and "reward/total" not in steps[0]
+    assert summary["eval_accuracy_last"] == steps[-1]["eval_accuracy"]
     final = AutoModelForImageTextToText.from_pretrained(tmp_path / "rl" / "final").state_dict()
     changed = {k for k, v in init.state_dict().items() if not torch.equal(v, final[k])}
     assert changed and all(k.endswith(("o_proj.weight", "up_proj.weight")) for k in changed), changed

@@ -1,4 +1,5 @@
-"""The reference model's video embedding when the policy's vision tower trains."""
+"""The RL side of the runtime: the reference model's video embedding when the policy's vision
+tower trains, and the held-out accuracy logged during RL."""
 
 import torch
 
@@ -42,3 +43,39 @@ def test_reference_encodes_with_its_own_tower_when_the_policy_vision_trains():
     rt.vision_trains = False  # control: with a frozen tower the reference shares the policy's embedding
     shared, _ = rt.group_logprobs([sample], responses, model=ref)
     assert max((x - y).abs().max().item() for x, y in zip(shared[0], want[0])) > 1e-4
+
+
+def test_rl_held_out_accuracy_scores_greedy_replies_per_category():
+    """`[eval]` during RL: one greedy reply per held-out question, scored by the accuracy
+    reward; unreadable items are left out of the counts."""
+    from types import SimpleNamespace
+
+    from stages.data.video import VideoDecodeError
+    from stages.mrsp.dist import Grid
+    from stages.mrsp.rollout import Rollout
+    from stages.rl import held_out_accuracy
+
+    replies = ["<think>x</think><answer>B</answer>", "<think>x</think><answer>A</answer>",
+               "The answer is C.", "<think>x</think><answer>D</answer>"]
+    options = ["red", "blue", "green", "black"]
+    records = [{"problem_id": "t1", "category": "temporal", "answer": "B", "options": options, "reply": 0},
+               {"problem_id": "t2", "category": "temporal", "answer": "B", "options": options, "reply": 1},
+               {"problem_id": "g1", "category": "goal", "answer": "C", "options": options, "reply": 2},
+               {"problem_id": "bad", "category": "goal", "answer": "D", "options": options, "reply": 3}]
+
+    class Replay:  # the runtime's three calls, replaying fixed replies
+        def sample(self, rec, video_dir):
+            if rec["problem_id"] == "bad":
+                raise VideoDecodeError("bad.mp4", "not a video")
+            return rec
+
+        def generate(self, samples, n, sampling):
+            assert n == 1 and sampling.greedy and len(samples) == 1
+            return [[Rollout(samples[0]["problem_id"], [samples[0]["reply"]], [0.0], True, "")]]
+
+        def response_text(self, ids):
+            return replies[ids[0]]
+
+    recipe = SimpleNamespace(eval=SimpleNamespace(input="held/eval.jsonl"), rollout=SimpleNamespace(max_new_tokens=8))
+    got = held_out_accuracy(Replay(), records, recipe, Grid())
+    assert got == {"eval_accuracy": round(2 / 3, 6), "eval_accuracy/temporal": 0.5, "eval_accuracy/goal": 1.0}
