@@ -37,6 +37,9 @@ class ModelSection(Section):
     path: str = "tiny:qwen2.5-vl"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU, bf16 on GPU
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+
+class TrainedModelSection(ModelSection):  # sft and rl: what trains
     freeze_vision: bool = True
     freeze_llm_layers: NonNegInt = 0  # freeze the first N decoder layers
 
@@ -298,7 +301,7 @@ class LoraSection(Section):
 
 class _Trainer(Recipe):
     data: DataSection
-    model: ModelSection = ModelSection()
+    model: TrainedModelSection = TrainedModelSection()
     video: VideoSection = VideoSection()
     prompt: PromptSection = PromptSection()
     train: TrainSection = TrainSection()

@@ -47,6 +47,8 @@ def test_every_schema_round_trips(tmp_path, stage):
      "lora.enabled", "set model.freeze_vision = true"),
     ('stage = "sft"\n[data]\ninput = "x"\n[lora]\ntarget_modules = []\n', "lora.target_modules",
      "at least one"),
+    ('stage = "eval"\n[data]\ninput = "x"\n[model]\nfreeze_vision = false\n', "model.freeze_vision",
+     "unknown key"),
     ('stage = "sft"\n[data]\ninput = "x"\n[launch]\nnproc_per_node = 3\n[mrsp]\nsp_size = 2\n',
      "mrsp.sp_size", "does not divide the world size 3"),
     ('stage = "sft"\n[data]\ninput = "x"\n[launch]\nnproc_per_node = 2\n[train]\nglobal_batch = 3\n',
