@@ -16,8 +16,9 @@ Choices made where the paper and the benchmarks are silent:
 - An item whose video cannot be decoded (or whose record is malformed) is written to
   `errors.jsonl`, counted in `failed` and left out of the accuracy; the run goes on. A
   video that fails at one frame count is not tried again at the others.
-- Within a sequence-parallel group every rank decodes the same items (the video encode is
-  sharded over the group); the group's first rank writes them. With several data-parallel
+- Within a sequence-parallel group the items of a batch are dealt out to the ranks for
+  decoding and the replies all-gathered (the video encode is sharded over the group); the
+  group's first rank writes them. With several data-parallel
   ranks each writes `predictions.dp<R>.jsonl`, merged into `predictions.jsonl` at the end.
 """
 

@@ -9,8 +9,11 @@ passes over `algo.mini_batches` mini-batches -> optimizer step(s).
 Where it departs from the paper:
 - The paper rolls out with vLLM on GPUs; the default engine here is the `hf` engine (one
   prefill per group, G rows decoded together), which also runs on CPU.
-- Within an SP group every rank decodes the same rollouts (same seed): rollouts are not
-  split across the group. The long prefill of the training forwards is.
+- Within an SP group the step's questions are dealt out to the ranks for rollouts (one
+  prefill and decode per question in the group, not one per rank) and the rollouts are
+  all-gathered; a question's sampling seed depends on its place in the step only, so the
+  rollouts equal those of one process. The training forwards' long prefill is split by
+  token position (Ulysses) instead.
 - `model.freeze_vision = false` trains the vision tower too: the update forward re-encodes
   with gradients, embeddings are dropped after each optimizer step, and the reference
   encodes with its own tower (`Runtime.model_embed`).

@@ -190,6 +190,13 @@ def sum_disjoint(x: torch.Tensor, group) -> torch.Tensor:
     return _SumDisjoint.apply(x, group)
 
 
+def all_gather_objects(obj, group) -> list:
+    """Every rank's picklable `obj`, in rank order of `group`."""
+    out = [None] * dist.get_world_size(group)
+    _collective("all_gather_object", group, dist.all_gather_object, out, obj, group=group)
+    return out
+
+
 def all_reduce_grads(parameters, group) -> None:
     """Sum the gradients of `parameters` over `group` (the SP group: each rank holds the
     gradient of its own token shard)."""

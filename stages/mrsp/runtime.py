@@ -38,7 +38,7 @@ from stages.data.video import load_video
 from stages.models.adapter import VideoEmbedding, VLAdapter
 from stages.models.patchify import patchify
 from stages.mrsp.cache import EmbeddingCache
-from stages.mrsp.dist import Grid
+from stages.mrsp.dist import Grid, all_gather_objects
 from stages.mrsp.logprobs import TokenBatch, token_logprobs
 from stages.mrsp.rollout import HFEngine, Rollout, RolloutPrompt, Sampling
 from stages.mrsp.shared import PromptGroup, shared_logprobs
@@ -205,9 +205,34 @@ class Runtime:
     # -- rollouts -------------------------------------------------------------------------------
     def generate(self, samples: list[Sample], n: int, sampling: Sampling) -> list[list[Rollout]]:
         """`n` rollouts of every sample (outer: samples). MR-SP/peer: one encode and one prefill
-        per prompt; vanilla: every rollout encodes the video and prefills on its own."""
+        per prompt; vanilla: every rollout encodes the video and prefills on its own.
+
+        MR-SP over an SP group deals the prompts out to the group's ranks (sample i to rank
+        i mod sp) and all-gathers the rollouts, so the group prefills and decodes each prompt
+        once rather than once per rank. Every sample is embedded first, by all ranks
+        together (the sharded encode is a collective); a sample's seed depends on its index
+        only, so the rollouts are those of one process."""
+        group = self.sp_grid.sp_group
+        if group is None or not self.mode.reuse_embeddings or not self.mode.group_rollouts or len(samples) < 2:
+            return self._generate(samples, n, sampling, range(len(samples)))
+        with torch.no_grad():
+            for s in samples:
+                self.embed(s)
+        sp, rank = self.sp_grid.sp_size, self.sp_grid.sp_rank
+        mine = range(rank, len(samples), sp)
+        local = [(r.prompt_key, r.token_ids, r.logprobs, r.finished, r.text)
+                 for g in self._generate([samples[i] for i in mine], n, sampling, mine) for r in g]
+        parts = all_gather_objects(local, group)
+        out = [[] for _ in samples]
+        for r, part in enumerate(parts):  # rank r's rollouts: n per sample, its samples in order
+            for j, fields in enumerate(part):
+                out[range(r, len(samples), sp)[j // n]].append(Rollout(*fields))
+        return out
+
+    def _generate(self, samples: list[Sample], n: int, sampling: Sampling, indices) -> list[list[Rollout]]:
+        """`generate` on this rank alone; `indices`: the samples' places in the step (their seeds)."""
         out = []
-        for i, s in enumerate(samples):
+        for i, s in zip(indices, samples):
             if self.mode.group_rollouts:
                 with torch.no_grad():
                     s.prompt.videos = [self.embed(s)]

@@ -100,6 +100,13 @@ def test_rl_sp2_matches_sp1(rl_runs):
     # Frozen vision tower: one encode per distinct video of the step, reused by 4 rollouts + 3 forwards.
     assert 1 <= one[0]["vision_encodes"] <= 2 and one[0]["embedding_cache_hits"] >= 4 * one[0]["vision_encodes"]
     assert one[0]["prefills"] == 2  # one prefill per question, not per rollout
+    # SP 2 deals the 2 questions out to its 2 ranks (rank 0 reports its own work) and
+    # all-gathers the rollouts: the same rollouts (response lengths and rewards above)
+    assert two[0]["prefills"] == 1
+    rollouts = [[(x["step"], x["problem_id"], x["rollout"], x["response"])
+                 for x in map(json.loads, (base / r / "samples.jsonl").read_text().splitlines())]
+                for r in ("sp1", "sp2")]
+    assert rollouts[0] == rollouts[1] and len(rollouts[0]) == 4 * 2 * 4
     # shared-prompt forwards (the default): old, ref and update run each prompt once, not 4 times
     for a, b in zip(one, two):
         shared, unshared = a["train_forward_tokens"], a["train_forward_tokens_unshared"]
