@@ -6,10 +6,13 @@ AdamW step). Modes (see `stages/mrsp/runtime.py`):
 
 - `vanilla`: the paper's baseline: every rollout encodes the video and prefills alone,
   every sequence of every training forward re-encodes it, no sequence parallelism;
-- `peer`: what verl/EasyR1 do: one encode + prefill per prompt for the rollouts, but each
-  training forward re-encodes the video for every one of the G sequences; SP forwards on;
+- `peer`: what verl/EasyR1 do: one encode + prefill per prompt for the rollouts (the
+  prompts dealt out to the ranks of an SP group, each rank encoding its own prompts' videos,
+  as a rollout engine does), but each training forward re-encodes the video for every one
+  of the G sequences; SP forwards on;
 - `mrsp-1`: the MR-SP runtime at SP 1 (embedding encoded once per step and reused);
-- `mrsp`: the MR-SP runtime at SP = `mrsp.sp_size` (sharded encode + SP forwards);
+- `mrsp`: the MR-SP runtime at SP = `mrsp.sp_size` (sharded encode + SP forwards; the
+  rollouts dealt out to the group's ranks from the cached embeddings);
 - `mrsp-shared`: `mrsp` whose old, reference and update forwards run each question's prompt
   once for its G responses (`stages/mrsp/shared.py`, Prefix Grouper).
 
@@ -218,6 +221,10 @@ def bench_mode(name, frames, recipe, adapter, ref, grids, initial, memory, ref_r
             if step >= b.warmup_steps:
                 times.append((elapsed, timers))
             counters = rt.counters()
+            if grid.sp_group is not None:  # encodes on one rank alone (peer rollouts) add up over the group
+                alone = torch.tensor([float(counters["vision_encodes_alone"])])
+                torch.distributed.all_reduce(alone, group=grid.sp_group)
+                counters["vision_encodes"] += int(alone.item()) - counters["vision_encodes_alone"]
             peak = max(peak, memory.gb())
     except (MemoryCapExceeded, torch.OutOfMemoryError, MemoryError) as e:
         return {"mode": name, "frames": frames, "oom": True, "reason": str(e).splitlines()[0][:200]}

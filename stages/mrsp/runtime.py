@@ -130,6 +130,7 @@ class Runtime:
         self.pad_id = adapter.tokenizer.pad_token_id if adapter.tokenizer.pad_token_id is not None else 0
         self.eos_id = adapter.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.train_forward_tokens = self.train_forward_tokens_unshared = 0
+        self.alone_encodes = 0  # of `vision_encodes`: on this rank alone, not with the SP group
         # A trainable vision tower: another model (the frozen reference) no longer shares the
         # policy's video embedding and encodes with its own tower (`model_embed`).
         self.vision_trains = False
@@ -175,14 +176,15 @@ class Runtime:
         return self.adapter.tokenizer.encode(text, add_special_tokens=False) + [self.eos_id]
 
     # -- vision ---------------------------------------------------------------------------------
-    def embed(self, sample: Sample, grad: bool = False) -> VideoEmbedding:
+    def embed(self, sample: Sample, grad: bool = False, alone: bool = False) -> VideoEmbedding:
         """The video embedding of `sample`: from the step's cache, or encoded (sharded over the
-        SP group) and counted in `cache.vision_encodes`."""
+        SP group; on this rank only with `alone`) and counted in `cache.vision_encodes`."""
         v = sample.video
 
         def encode() -> VideoEmbedding:
+            self.alone_encodes += alone
             with torch.set_grad_enabled(grad):
-                return encode_sharded(self.adapter, v.pixels, v.grid_thw, self.sp_grid)
+                return encode_sharded(self.adapter, v.pixels, v.grid_thw, Grid() if alone else self.sp_grid)
 
         return self.cache.get(v.key, encode, grad=grad)
 
@@ -213,15 +215,16 @@ class Runtime:
         together (the sharded encode is a collective); a sample's seed depends on its index
         only, so the rollouts are those of one process."""
         group = self.sp_grid.sp_group
-        if group is None or not self.mode.reuse_embeddings or not self.mode.group_rollouts or len(samples) < 2:
+        if group is None or not self.mode.group_rollouts or len(samples) < 2:
             return self._generate(samples, n, sampling, range(len(samples)))
-        with torch.no_grad():
-            for s in samples:
-                self.embed(s)
+        if self.mode.reuse_embeddings:
+            with torch.no_grad():
+                for s in samples:
+                    self.embed(s)
         sp, rank = self.sp_grid.sp_size, self.sp_grid.sp_rank
         mine = range(rank, len(samples), sp)
         local = [(r.prompt_key, r.token_ids, r.logprobs, r.finished, r.text)
-                 for g in self._generate([samples[i] for i in mine], n, sampling, mine) for r in g]
+                 for g in self._generate([samples[i] for i in mine], n, sampling, mine, alone=True) for r in g]
         parts = all_gather_objects(local, group)
         out = [[] for _ in samples]
         for r, part in enumerate(parts):  # rank r's rollouts: n per sample, its samples in order
@@ -229,13 +232,17 @@ class Runtime:
                 out[range(r, len(samples), sp)[j // n]].append(Rollout(*fields))
         return out
 
-    def _generate(self, samples: list[Sample], n: int, sampling: Sampling, indices) -> list[list[Rollout]]:
-        """`generate` on this rank alone; `indices`: the samples' places in the step (their seeds)."""
+    def _generate(self, samples: list[Sample], n: int, sampling: Sampling, indices,
+                  alone: bool = False) -> list[list[Rollout]]:
+        """`generate` on this rank; `indices`: the samples' places in the step (their seeds).
+        `alone`: the other ranks of the SP group are busy with other samples, so a video not
+        in the cache is encoded on this rank (the peer way: the rollout engine encodes its
+        own prompts' videos)."""
         out = []
         for i, s in zip(indices, samples):
             if self.mode.group_rollouts:
                 with torch.no_grad():
-                    s.prompt.videos = [self.embed(s)]
+                    s.prompt.videos = [self.embed(s, alone=alone)]
                 out.append(self.engine.generate([s.prompt], n, self._seeded(sampling, i))[0])
                 continue
             group = []
@@ -329,11 +336,12 @@ class Runtime:
 
     def counters(self) -> dict:
         e = self.engine
-        return {**self.cache.counters(), "prefills": e.prefills, "prefill_tokens": e.prefill_tokens,
+        return {**self.cache.counters(), "vision_encodes_alone": self.alone_encodes,
+                "prefills": e.prefills, "prefill_tokens": e.prefill_tokens,
                 "decode_steps": e.decode_steps, "train_forward_tokens": self.train_forward_tokens,
                 "train_forward_tokens_unshared": self.train_forward_tokens_unshared}
 
     def reset_counters(self) -> None:
         self.cache.reset_counters()
         self.engine.reset_counters()
-        self.train_forward_tokens = self.train_forward_tokens_unshared = 0
+        self.train_forward_tokens = self.train_forward_tokens_unshared = self.alone_encodes = 0
