@@ -315,10 +315,14 @@ class _Trainer(Recipe):
     lora: LoraSection = LoraSection()
 
     @model_validator(mode="after")
-    def _batch(self):
+    def _lora(self):
         if self.lora.enabled and not self.model.freeze_vision:
             raise ValueError("lora.enabled: LoRA trains adapters on the language model only; "
                              "set model.freeze_vision = true")
+        return self
+
+    @model_validator(mode="after")
+    def _batch(self):
         dp = max(1, self.world_size() // self.mrsp.sp_size)
         if self.train.global_batch % (self.train.micro_batch_per_rank * dp):
             raise ValueError(

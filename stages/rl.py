@@ -16,7 +16,7 @@ Where it departs from the paper:
   token position (Ulysses) instead.
 - `model.freeze_vision = false` trains the vision tower too: the update forward re-encodes
   with gradients, embeddings are dropped after each optimizer step, and the reference
-  encodes with its own tower (`Runtime.model_embed`).
+  encodes with its own tower (`Runtime.embed`).
 - Old-policy log-probs are recomputed by a teacher-forced forward (as verl does), not taken
   from the sampler, so the ratio is exact even when the engine's numerics differ.
 - With `mrsp.shared_prompt` (the default) the old, reference and update forwards run each
@@ -58,7 +58,6 @@ def run(recipe, run) -> dict:
         ref_model.requires_grad_(False)
         ref = VLAdapter(ref_model, adapter.tokenizer, adapter.patch_spec)
     rt = Runtime.from_recipe(adapter, grid, recipe)
-    rt.vision_trains = not recipe.model.freeze_vision
 
     records = read_jsonl(recipe.data.input, on_error=lambda line, why: run.error(f"{recipe.data.input}:{line}", why))
     records = records[:recipe.data.limit] if recipe.data.limit else records
@@ -214,8 +213,8 @@ def train_step(recipe, run, rt: Runtime, ref: VLAdapter | None, engine: TrainEng
                     stats_acc.setdefault(k, []).append(float(v))
                 loss = loss + total / len(idx)
             engine.backward(loss)
-            if engine.step() and rt.vision_trains:
-                rt.cache.vision_changed()  # the next update re-encodes with the new tower
+            if engine.step():
+                rt.optimizer_stepped()
     timers["update"] = time.perf_counter() - t
 
     # 7. metrics and samples

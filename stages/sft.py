@@ -78,12 +78,11 @@ def run(recipe, run) -> dict:
                         samples.append(rt.sample(records[i], video_dir))
                     except (VideoDecodeError, KeyError, ValueError) as e:
                         run.error(str(records[i].get("problem_id", i)), f"{type(e).__name__}: {e}")
-                total, count = nll(rt, samples, grad_vision=not recipe.model.freeze_vision)
+                total, count = nll(rt, samples, grad_vision=rt.vision_trains)
                 loss = total / max(count, 1)
                 engine.backward(loss)
-                engine.step()
-                if not recipe.model.freeze_vision:
-                    rt.cache.vision_changed()
+                if engine.step():
+                    rt.optimizer_stepped()
                 losses.append(float(loss.detach()))
                 tokens += count
             metrics = dp_mean({"loss": sum(losses) / len(losses), "target_tokens": float(tokens),
@@ -99,9 +98,10 @@ def run(recipe, run) -> dict:
             bar.advance()
     final = save_final(adapter, run.path, recipe.model.path, grid)
     if grid.is_main:
-        from stages.plots import plot_metrics
+        from stages.plots import CURVES, plot_metrics
 
-        plot_metrics(run.file("metrics.jsonl"), run.file("loss.png"), ["loss", "eval_loss"], "CoT-SFT loss")
+        name, keys, title = CURVES["sft"]
+        plot_metrics(run.file("metrics.jsonl"), run.file(name), keys, title)
     return {"steps": recipe.train.steps, "resumed_from": start, "final": str(final),
             "loss_first": history[0]["loss"] if history else None,
             "loss_last": history[-1]["loss"] if history else None,

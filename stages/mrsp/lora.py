@@ -17,7 +17,6 @@ What is written, so that every consumer of a Hugging Face folder keeps working:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -31,9 +30,9 @@ def target_regex(modules: list[str]) -> str:
     return r".*language_model\..*\.(" + "|".join(modules) + r")$"
 
 
-def apply_lora(model, cfg) -> int:
+def apply_lora(model, cfg) -> None:
     """Inject LoRA layers (`cfg`: the recipe's `lora` section) into `model` in place; freeze
-    everything else. Return the number of trainable parameters."""
+    everything else."""
     from peft import LoraConfig, inject_adapter_in_model
 
     config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
@@ -42,10 +41,8 @@ def apply_lora(model, cfg) -> int:
     model._lvr_lora_config = config
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_" in name)
-    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if n == 0:
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"lora.target_modules: {cfg.target_modules} matched no linear layer of the language model")
-    return n
 
 
 def has_lora(model) -> bool:
@@ -85,10 +82,9 @@ def save_pretrained(model, folder: Path) -> None:
     # peft's PeftModel wraps the model twice (PeftModel.base_model.model), and its files say so
     state = {PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model).items()}
     save_file(state, folder / LORA_DIR / "adapter_model.safetensors", metadata={"format": "pt"})
-    config = model._lvr_lora_config.to_dict()
-    config["base_model_name_or_path"] = getattr(model.config, "_name_or_path", None)
-    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
-    (folder / LORA_DIR / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    config = model._lvr_lora_config
+    config.base_model_name_or_path = getattr(model.config, "_name_or_path", None)
+    config.save_pretrained(str(folder / LORA_DIR))  # adapter_config.json, as PeftModel writes it
 
 
 def load_adapter_weights(model, folder: Path) -> None:

@@ -132,16 +132,23 @@ class Runtime:
         self.train_forward_tokens = self.train_forward_tokens_unshared = 0
         self.alone_encodes = 0  # of `vision_encodes`: on this rank alone, not with the SP group
         # A trainable vision tower: another model (the frozen reference) no longer shares the
-        # policy's video embedding and encodes with its own tower (`model_embed`).
+        # policy's video embedding and encodes with its own tower (`embed`).
         self.vision_trains = False
 
     @classmethod
     def from_recipe(cls, adapter: VLAdapter, grid: Grid, recipe, mode: Mode | None = None) -> "Runtime":
         mrsp, video, prompt = recipe.mrsp, recipe.video, getattr(recipe, "prompt", None)
         mode = mode or (Mode(shared_prompt=mrsp.shared_prompt) if mrsp.enabled else Mode.named("vanilla"))
-        return cls(adapter, grid, mode, chunk_tokens=mrsp.logprob_chunk_tokens, max_frames=video.max_frames,
-                   max_pixels=video.max_pixels, fps=video.fps, system=prompt.system if prompt else None,
-                   think=prompt.think if prompt else True)
+        rt = cls(adapter, grid, mode, chunk_tokens=mrsp.logprob_chunk_tokens, max_frames=video.max_frames,
+                 max_pixels=video.max_pixels, fps=video.fps, system=prompt.system if prompt else None,
+                 think=prompt.think if prompt else True)
+        rt.vision_trains = not getattr(recipe.model, "freeze_vision", True)  # only sft and rl recipes train
+        return rt
+
+    def optimizer_stepped(self) -> None:
+        """After an optimizer step: a trained vision tower changed, so cached embeddings are stale."""
+        if self.vision_trains:
+            self.cache.vision_changed()
 
     @property
     def sp_grid(self) -> Grid:
@@ -176,30 +183,22 @@ class Runtime:
         return self.adapter.tokenizer.encode(text, add_special_tokens=False) + [self.eos_id]
 
     # -- vision ---------------------------------------------------------------------------------
-    def embed(self, sample: Sample, grad: bool = False, alone: bool = False) -> VideoEmbedding:
+    def embed(self, sample: Sample, grad: bool = False, alone: bool = False,
+              model: VLAdapter | None = None) -> VideoEmbedding:
         """The video embedding of `sample`: from the step's cache, or encoded (sharded over the
-        SP group; on this rank only with `alone`) and counted in `cache.vision_encodes`."""
+        SP group; on this rank only with `alone`) and counted in `cache.vision_encodes`.
+        `model`: another model (the frozen reference). It shares the policy's embedding unless
+        the policy's vision tower trains (`vision_trains`); then it encodes with its own tower."""
         v = sample.video
+        own = model is not None and model is not self.adapter and self.vision_trains
+        tower = model if own else self.adapter
 
         def encode() -> VideoEmbedding:
             self.alone_encodes += alone
-            with torch.set_grad_enabled(grad):
-                return encode_sharded(self.adapter, v.pixels, v.grid_thw, Grid() if alone else self.sp_grid)
+            with torch.set_grad_enabled(grad and not own):
+                return encode_sharded(tower, v.pixels, v.grid_thw, Grid() if alone else self.sp_grid)
 
-        return self.cache.get(v.key, encode, grad=grad)
-
-    def model_embed(self, sample: Sample, model: VLAdapter, grad: bool = False) -> VideoEmbedding:
-        """The embedding `model` sees: the policy's (`embed`), unless the policy's vision tower
-        trains and `model` is another one, which then encodes with its own tower (cached too)."""
-        if model is self.adapter or not self.vision_trains:
-            return self.embed(sample, grad=grad)
-        v = sample.video
-
-        def encode() -> VideoEmbedding:
-            with torch.no_grad():
-                return encode_sharded(model, v.pixels, v.grid_thw, self.sp_grid)
-
-        return self.cache.get(f"{v.key}|model {id(model)}", encode)
+        return self.cache.get(f"{v.key}|model {id(tower)}" if own else v.key, encode, grad=grad and not own)
 
     def new_step(self) -> None:
         self.cache.new_step()
@@ -221,16 +220,10 @@ class Runtime:
             with torch.no_grad():
                 for s in samples:
                     self.embed(s)
-        sp, rank = self.sp_grid.sp_size, self.sp_grid.sp_rank
-        mine = range(rank, len(samples), sp)
-        local = [(r.prompt_key, r.token_ids, r.logprobs, r.finished, r.text)
-                 for g in self._generate([samples[i] for i in mine], n, sampling, mine, alone=True) for r in g]
-        parts = all_gather_objects(local, group)
-        out = [[] for _ in samples]
-        for r, part in enumerate(parts):  # rank r's rollouts: n per sample, its samples in order
-            for j, fields in enumerate(part):
-                out[range(r, len(samples), sp)[j // n]].append(Rollout(*fields))
-        return out
+        sp = self.sp_grid.sp_size
+        mine = range(self.sp_grid.sp_rank, len(samples), sp)
+        parts = all_gather_objects(self._generate([samples[i] for i in mine], n, sampling, mine, alone=True), group)
+        return [parts[i % sp][i // sp] for i in range(len(samples))]  # rank r holds samples r, r + sp, ...
 
     def _generate(self, samples: list[Sample], n: int, sampling: Sampling, indices,
                   alone: bool = False) -> list[list[Rollout]]:
@@ -301,7 +294,7 @@ class Runtime:
         self.train_forward_tokens_unshared += sum(len(i) for r in rows for i, _, _ in r)
         if self.mode.reuse_embeddings and self.mode.shared_prompt and any(len(r) > 1 for r in responses):
             groups = [PromptGroup(s.prompt.input_ids.shape[0], [(i, p) for i, p, _ in r],
-                                  [self.model_embed(s, model, grad_vision)]) for s, r in zip(samples, rows)]
+                                  [self.embed(s, grad_vision, model=model)]) for s, r in zip(samples, rows)]
             self.train_forward_tokens += sum(g.shared_tokens for g in groups)
             return shared_logprobs(model, groups, self.sp_grid, self.chunk_tokens, entropy)
         self.train_forward_tokens += sum(len(i) for r in rows for i, _, _ in r)
@@ -315,14 +308,14 @@ class Runtime:
     def _unshared_logprobs(self, sample: Sample, rows: list[tuple], lengths: list[int], entropy: bool,
                            grad_vision: bool, model: VLAdapter) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         if self.mode.reuse_embeddings:
-            emb = self.model_embed(sample, model, grad_vision)
+            emb = self.embed(sample, grad_vision, model=model)
             batch = TokenBatch.from_rows([(i, p, [emb], m) for i, p, m in rows], self.pad_id)
             logp, ent = token_logprobs(model, batch, self.sp_grid, self.chunk_tokens, entropy)
             return self._split(logp, batch.score_mask, lengths), (
                 self._split(ent, batch.score_mask, lengths) if entropy else [])
         logps, ents = [], []
         for (i, p, m), T in zip(rows, lengths):
-            emb = self.model_embed(sample, model, grad_vision)
+            emb = self.embed(sample, grad_vision, model=model)
             batch = TokenBatch.from_rows([(i, p, [emb], m)], self.pad_id)
             lp, en = token_logprobs(model, batch, self.sp_grid, self.chunk_tokens, entropy)
             logps += self._split(lp, batch.score_mask, [T])

@@ -23,9 +23,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from stages.mrsp.lora import apply_lora, has_lora, load_adapter_weights, save_pretrained
-
 from stages.mrsp.dist import Grid
+from stages.mrsp.lora import apply_lora, has_lora, load_adapter_weights, save_pretrained
 
 
 def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):

@@ -44,30 +44,29 @@ def run_workers(fn, world: int, *args, timeout: float = 300):
     procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue)) for r in range(world)]
     for p in procs:
         p.start()
-    results, errors, reported = {}, [], set()
+    results, errors, reported, exited = {}, [], set(), set()
     deadline = time.monotonic() + timeout
+
+    def take(rank, status, value):
+        reported.add(rank)
+        (results.__setitem__(rank, value) if status == "ok" else errors.append(f"rank {rank}:\n{value}"))
+
     try:
         while len(reported) < world:
             try:
-                rank, status, value = queue.get(timeout=1.0)
-            except queue_mod.Empty:
-                silent = [r for r, p in enumerate(procs) if r not in reported and p.exitcode is not None]
-                if silent:
-                    time.sleep(1.0)  # a report may still be in the pipe
-                    while not queue.empty():
-                        rank, status, value = queue.get()
-                        reported.add(rank)
-                        (results.__setitem__(rank, value) if status == "ok" else errors.append(f"rank {rank}:\n{value}"))
-                    for r in silent:
-                        if r not in reported:
-                            errors.append(f"rank {r} exited with code {procs[r].exitcode} without a result")
-                            reported.add(r)
-                if time.monotonic() > deadline:
-                    errors.append(f"no result from ranks {sorted(set(range(world)) - reported)} in {timeout:g} s")
-                    break
+                take(*queue.get(timeout=1.0))
                 continue
-            reported.add(rank)
-            (results.__setitem__(rank, value) if status == "ok" else errors.append(f"rank {rank}:\n{value}"))
+            except queue_mod.Empty:
+                pass
+            for r, p in enumerate(procs):
+                if r not in reported and p.exitcode is not None:
+                    if r in exited:  # gone for a whole poll: its report is not coming
+                        errors.append(f"rank {r} exited with code {p.exitcode} without a result")
+                        reported.add(r)
+                    exited.add(r)
+            if time.monotonic() > deadline:
+                errors.append(f"no result from ranks {sorted(set(range(world)) - reported)} in {timeout:g} s")
+                break
         for p in procs:
             p.join(max(1.0, deadline - time.monotonic()))
             if p.is_alive():

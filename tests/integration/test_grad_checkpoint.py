@@ -12,6 +12,7 @@ from tests.integration.test_shared_prompt import _groups, _grpo_loss, _unshared
 def _worker(rank, world):
     from torch.utils.checkpoint import CheckpointError
 
+    from lvr_cli.recipes import DeepspeedSection, OptimSection
     from stages.models.adapter import load_adapter
     from stages.mrsp.dist import all_reduce_grads, init_grid
     from stages.mrsp.shared import shared_logprobs
@@ -45,7 +46,7 @@ def _worker(rank, world):
             disable_checkpointing(model)
             plain = run(forward, grid)
             # as the trainer switches it on (train.gradient_checkpointing = true)
-            TrainEngine(model, grid, _Optim(), _NoDeepSpeed(), total_steps=1, accum_steps=1,
+            TrainEngine(model, grid, OptimSection(), DeepspeedSection(enabled=False), total_steps=1, accum_steps=1,
                         gradient_checkpointing=True)
             assert model.model.language_model.gradient_checkpointing
             report[(name, sp)] = compare(run(forward, grid), plain)
@@ -59,15 +60,6 @@ def _worker(rank, world):
             disable_checkpointing(model)
     assert checkpoint_contexts()[1].__class__.__name__ == "nullcontext"  # nothing active outside a forward
     return report
-
-
-class _Optim:
-    lr, betas, weight_decay, schedule, warmup_steps, min_lr_ratio, max_grad_norm = 1e-3, (0.9, 0.999), 0.0, \
-        "constant", 0, 0.0, 1.0
-
-
-class _NoDeepSpeed:
-    enabled = False
 
 
 def test_checkpointed_sp_forwards_equal_plain_ones():
