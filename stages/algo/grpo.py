@@ -29,11 +29,20 @@ equations as printed:
 - The log-ratio is clamped to [-20, 20] before `exp`, as verl does, so one bad token
   cannot overflow the loss to inf; this only touches ratios beyond ~5e8.
 - The KL term can either be added to the loss (`kl_penalty` + `aggregate`) or folded into
-  the sequence reward before (2) (`kl_in_reward`).
+  the sequence reward before (2) (`kl_in_reward`). k3 is clamped as verl's and Long-RL's
+  `low_var_kl` compute it (log-ratio to [-20, 20], the value to [-10, 10]): one token whose
+  reference log-prob is far above the policy's (a log ratio of 4.9 gives k3 = 128) would
+  otherwise dominate the loss of the whole batch. `clamp=False` gives the raw estimator.
 
-Masked (prompt or padding) positions are selected away with `torch.where`, never
-multiplied by 0, so a NaN or inf there cannot reach the loss, and their gradient is
-exactly 0.
+The batch of a loss is the optimizer step's mini-batch, not the tensor at hand: the
+reductions take a `denom` (`loss_denominator` of every micro-batch of the mini-batch, on
+every data-parallel rank, added up), so the micro-batches' losses add up to the mini-batch's
+loss and 1 x 4 and 4 x 1 micro-batches give the same gradient (verl's global token count).
+Without `denom` the tensor at hand is the whole batch.
+
+Masked (prompt or padding) positions are replaced by 0 with `torch.where` before any
+arithmetic, never multiplied by 0, so a NaN or inf there can reach neither the loss nor
+the gradient: their gradient is exactly 0 for every KL kind and aggregation.
 """
 
 from __future__ import annotations
@@ -44,10 +53,12 @@ import torch
 from torch import Tensor
 
 KL_KINDS = ("k1", "k2", "k3")
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
-# verl clamps the log-ratio to this range before exp; see the module docstring.
+# verl clamps the log-ratio to this range before exp, and low_var_kl's k3 value to the
+# second; see the module docstring.
 _LOG_RATIO_CLAMP = 20.0
+_K3_CLAMP = 10.0
 
 
 def group_advantages(
@@ -79,13 +90,15 @@ def group_advantages(
     return centred.reshape(-1)
 
 
-def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
+def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str, clamp: bool = True) -> Tensor:
     """Return the per-token KL(pi || pi_ref) estimate, same shape as `logp`.
 
     logp, ref_logp: [...] log-probs of the sampled tokens under the policy and the
     reference. kind: `k1` = logp - ref_logp (unbiased, can be negative);
     `k2` = 0.5 (logp - ref_logp)^2; `k3` = exp(ref - logp) - (ref - logp) - 1
-    (unbiased, always >= 0, the "low-variance" estimator of Schulman's note).
+    (unbiased, always >= 0, the "low-variance" estimator of Schulman's note), with `clamp`
+    computed as verl's `low_var_kl`: the log ratio clamped to [-20, 20], the value to
+    [-10, 10]. `clamp` does not change k1 and k2.
     """
     if logp.shape != ref_logp.shape:
         raise ValueError(
@@ -97,7 +110,10 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
         return 0.5 * (logp - ref_logp).square()
     if kind == "k3":
         log_ratio = ref_logp - logp
-        return torch.exp(log_ratio) - log_ratio - 1.0
+        if not clamp:
+            return torch.exp(log_ratio) - log_ratio - 1.0
+        log_ratio = log_ratio.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+        return (torch.exp(log_ratio) - log_ratio - 1.0).clamp(-_K3_CLAMP, _K3_CLAMP)
     raise ValueError(f"unknown KL kind {kind!r}; expected one of {', '.join(KL_KINDS)}")
 
 
@@ -119,32 +135,58 @@ def masked_mean(x: Tensor, mask: Tensor, dim: Optional[int] = None) -> Tensor:
     return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
 
 
-def aggregate(loss_tokens: Tensor, mask: Tensor, agg: str) -> Tensor:
+def loss_denominator(mask: Tensor, agg: str, horizon: Optional[int] = None) -> float:
+    """Return what `aggregate` divides by for `mask` [B, T] under `agg`: the unmasked token
+    count (`token-mean`), the count of sequences with a token (`seq-mean-token-mean`,
+    `seq-mean-token-sum`), or that count x `horizon` (`seq-mean-token-sum-norm`; `horizon`
+    None: T). Denominators add up: a mini-batch's is the sum of its micro-batches'."""
+    _check_agg(agg)
+    keep = mask.bool()
+    if agg == "token-mean":
+        return float(keep.sum())
+    seqs = float(keep.any(dim=1).sum())
+    return seqs * (horizon or mask.shape[1]) if agg == "seq-mean-token-sum-norm" else seqs
+
+
+def aggregate(loss_tokens: Tensor, mask: Tensor, agg: str, denom: Optional[float] = None,
+              horizon: Optional[int] = None) -> Tensor:
     """Return the scalar reduction of a per-token quantity under `agg`.
 
     loss_tokens, mask: [B, T]. agg:
     - `token-mean`: sum over all unmasked tokens / their count (each token weighs the same);
     - `seq-mean-token-mean`: per-sequence masked token mean, then the mean over sequences;
-    - `seq-mean-token-sum`: per-sequence masked token sum, then the mean over sequences.
-    Sequences with no unmasked token are left out of the mean over sequences (they have no
-    tokens to weigh, and counting them as 0 would shrink the loss by batch padding). An
-    all-masked batch gives 0, still attached to the graph.
+    - `seq-mean-token-sum`: per-sequence masked token sum, then the mean over sequences;
+    - `seq-mean-token-sum-norm`: per-sequence token sum / `horizon`, then the mean over
+      sequences (Dr. GRPO: a constant length normaliser, `horizon` = the longest response
+      the rollout allows; None: T).
+    `denom`: the mini-batch's denominator (`loss_denominator` summed over its micro-batches
+    and ranks); the numerator is then this batch's share of the mini-batch's sum. None: this
+    batch's own. Sequences with no unmasked token are left out (they have no tokens to
+    weigh, and counting them as 0 would shrink the loss by batch padding). An all-masked
+    batch gives 0, still attached to the graph.
     """
     if loss_tokens.shape != mask.shape or loss_tokens.dim() != 2:
         raise ValueError(
             f"loss_tokens {tuple(loss_tokens.shape)} and mask {tuple(mask.shape)} "
             "must both be [B, T]"
         )
+    _check_agg(agg)
     keep = mask.bool()
+    tokens = torch.where(keep, loss_tokens, torch.zeros_like(loss_tokens))
     if agg == "token-mean":
-        return masked_mean(loss_tokens, keep)
-    if agg == "seq-mean-token-mean":
-        per_seq = masked_mean(loss_tokens, keep, dim=1)
-    elif agg == "seq-mean-token-sum":
-        per_seq = torch.where(keep, loss_tokens, torch.zeros_like(loss_tokens)).sum(dim=1)
-    else:
+        total = tokens.sum()
+    elif agg == "seq-mean-token-mean":
+        total = masked_mean(loss_tokens, keep, dim=1).sum()
+    else:  # the token-sum modes; -norm differs in its denominator only
+        total = tokens.sum()
+    if denom is None:
+        denom = loss_denominator(keep, agg, horizon)
+    return total / denom if denom > 0 else total * 0.0
+
+
+def _check_agg(agg: str) -> None:
+    if agg not in AGG_MODES:
         raise ValueError(f"unknown agg {agg!r}; expected one of {', '.join(AGG_MODES)}")
-    return masked_mean(per_seq, keep.any(dim=1))
 
 
 def policy_loss(
@@ -156,6 +198,8 @@ def policy_loss(
     clip_high: float = 0.2,
     dual_clip: Optional[float] = None,
     agg: str = "token-mean",
+    denom: Optional[float] = None,
+    horizon: Optional[int] = None,
 ) -> Tuple[Tensor, Dict[str, float]]:
     """Return the clipped surrogate loss of Eq. (1) (to minimise) and detached stats.
 
@@ -166,7 +210,8 @@ def policy_loss(
 
     Per token, ratio = exp(logp - old_logp) and
     loss = max(-A ratio, -A clamp(ratio, 1 - clip_low, 1 + clip_high));
-    with `dual_clip` = c > 1, tokens with A < 0 take min(loss, -A c).
+    with `dual_clip` = c > 1, tokens with A < 0 take min(loss, -A c); reduced by
+    `aggregate(..., agg, denom, horizon)`.
 
     stats (python floats, over unmasked tokens): `clip_frac` (share where the clipped
     branch is the larger one, i.e. A > 0 and ratio > 1 + clip_high, or A < 0 and
@@ -190,14 +235,14 @@ def policy_loss(
             f"advantages must be [B] or [B, T], got {tuple(advantages.shape)} "
             f"for logp {tuple(logp.shape)}"
         )
-    if agg not in AGG_MODES:
-        raise ValueError(f"unknown agg {agg!r}; expected one of {', '.join(AGG_MODES)}")
+    _check_agg(agg)
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
 
     keep = mask.bool()
+    logp, old_logp = _masked(logp, keep), _masked(old_logp, keep)
     advantages = advantages.to(logp.dtype).expand_as(logp)
-    log_ratio = torch.where(keep, logp - old_logp, torch.zeros_like(logp))
+    log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
 
     unclipped = -advantages * ratio
@@ -210,7 +255,7 @@ def policy_loss(
         stats_masks["dual_clip_frac"] = negative & (loss_tokens > bound)
         loss_tokens = torch.where(negative, torch.minimum(loss_tokens, bound), loss_tokens)
 
-    loss = aggregate(loss_tokens, keep, agg)
+    loss = aggregate(loss_tokens, keep, agg, denom, horizon)
 
     with torch.no_grad():
         stats = {
@@ -221,8 +266,15 @@ def policy_loss(
     return loss, stats
 
 
+def _masked(x: Tensor, keep: Tensor) -> Tensor:
+    """`x` with masked positions set to 0 before any arithmetic: a NaN or -inf there then
+    gets an exactly zero gradient (a `where` after `exp` would pass 0 x inf = NaN back)."""
+    return torch.where(keep, x, torch.zeros_like(x))
+
+
 def kl_in_reward(
-    rewards: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor, coef: float, kind: str
+    rewards: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor, coef: float, kind: str,
+    clamp: bool = True,
 ) -> Tensor:
     """Return sequence rewards with the summed KL penalty folded in, detached.
 
@@ -238,8 +290,9 @@ def kl_in_reward(
     if logp.shape != mask.shape:
         raise ValueError(f"logp {tuple(logp.shape)} and mask {tuple(mask.shape)} differ")
     with torch.no_grad():
-        kl = kl_penalty(logp, ref_logp, kind)
-        kl_sum = torch.where(mask.bool(), kl, torch.zeros_like(kl)).sum(dim=1)
+        keep = mask.bool()
+        kl = kl_penalty(_masked(logp, keep), _masked(ref_logp, keep), kind, clamp)
+        kl_sum = torch.where(keep, kl, torch.zeros_like(kl)).sum(dim=1)
         return rewards.to(kl_sum.dtype) - coef * kl_sum
 
 
@@ -267,18 +320,24 @@ def grpo_loss(
     agg: str = "token-mean",
     kl_coef: float = 0.0,
     kl_kind: str = "k3",
+    kl_clamp: bool = True,
+    denom: Optional[float] = None,
+    horizon: Optional[int] = None,
 ) -> Tuple[Tensor, Dict[str, float]]:
-    """Return the GRPO loss of one group: `policy_loss` plus `kl_coef` x the aggregated
-    `kl_penalty` to the reference (left out when `ref_logp` is None), and its stats
+    """Return the GRPO loss: `policy_loss` plus `kl_coef` x the `kl_penalty` to the reference
+    aggregated the same way (left out when `ref_logp` is None), and its stats
     (`policy_loss`'s plus `kl` when the KL term is on).
 
-    logp, old_logp, ref_logp, mask: [G, T]; advantages: [G]. All move to `logp`'s device.
+    logp, old_logp, ref_logp, mask: [B, T] (any number of groups, or a micro-batch of a
+    mini-batch whose denominator is `denom`); advantages: [B]. All move to `logp`'s device.
     """
     old_logp, advantages, mask = old_logp.to(logp.device), advantages.to(logp.device), mask.to(logp.device)
-    ref_logp = ref_logp.to(logp.device) if ref_logp is not None else None
-    loss, stats = policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg)
+    loss, stats = policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg,
+                              denom, horizon)
     if ref_logp is not None:
-        kl = aggregate(kl_penalty(logp, ref_logp, kl_kind), mask, agg)
+        keep = mask.bool()
+        per_token = kl_penalty(_masked(logp, keep), _masked(ref_logp.to(logp.device), keep), kl_kind, kl_clamp)
+        kl = aggregate(per_token, keep, agg, denom, horizon)
         loss = loss + kl_coef * kl
         stats["kl"] = float(kl.detach())
     return loss, stats

@@ -350,3 +350,116 @@ def test_grpo_loss_is_policy_loss_plus_weighted_kl():
     k1 = ((-1.0 + 1.5) + (-2.0 + 1.0) + (-0.5 + 1.5)) / 3  # logp - ref over the 3 masked tokens: 0.5 / 3
     assert stats["kl"] == pytest.approx(k1, abs=1e-6)
     assert float(total) == pytest.approx(expected_pl + 0.5 * k1, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- mini-batch semantics
+
+# Two groups of very different response lengths, one sequence each at ratio 1 (loss -A per
+# token): group 1 has 1 token at A = +1, group 2 has 4 tokens at A = -1 (-> +1 per token).
+LONG_SHORT_MASK = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 1]])
+LONG_SHORT_ADV = torch.tensor([1.0, -1.0])
+
+
+@pytest.mark.parametrize(
+    "agg, expected_loss, expected_grad",
+    [
+        # token mean over the batch: (-1 + 4) / 5; d/dlogp of -A r / 5 = -A / 5 per token
+        ("token-mean", 3 / 5, [[-0.2, 0, 0, 0], [0.2, 0.2, 0.2, 0.2]]),
+        # mean of the groups' token means (the old per-group average): (-1 + 1) / 2
+        ("seq-mean-token-mean", 0.0, [[-0.5, 0, 0, 0], [0.125, 0.125, 0.125, 0.125]]),
+        # mean of token sums: (-1 + 4) / 2
+        ("seq-mean-token-sum", 1.5, [[-0.5, 0, 0, 0], [0.5, 0.5, 0.5, 0.5]]),
+        # Dr. GRPO, horizon 8: (-1 + 4) / (2 * 8)
+        ("seq-mean-token-sum-norm", 3 / 16, [[-1 / 16, 0, 0, 0], [1 / 16, 1 / 16, 1 / 16, 1 / 16]]),
+    ],
+)
+def test_loss_and_gradient_over_groups_of_different_lengths(agg, expected_loss, expected_grad):
+    logp = torch.zeros(2, 4, dtype=torch.float64, requires_grad=True)
+    loss, _ = policy_loss(logp, logp.detach(), LONG_SHORT_ADV, LONG_SHORT_MASK, agg=agg, horizon=8)
+    loss.backward()
+    _close(loss.item(), expected_loss)
+    _close(logp.grad, expected_grad)
+
+
+def _random_minibatch(seed=0, B=4, T=6):
+    g = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 2
+    old = logp + (torch.rand(B, T, generator=g, dtype=torch.float64) - 0.5) * 0.6
+    ref = logp + (torch.rand(B, T, generator=g, dtype=torch.float64) - 0.5)
+    lengths = [1, 6, 3, 5]
+    mask = torch.tensor([[t < n for t in range(T)] for n in lengths])
+    adv = torch.tensor([1.5, -0.5, 0.7, -1.2], dtype=torch.float64)
+    return logp, old, ref, adv, mask
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                 "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("kl_kind", ["k1", "k2", "k3"])
+def test_one_micro_batch_of_four_equals_four_of_one(agg, kl_kind):
+    from stages.algo.grpo import grpo_loss, loss_denominator
+
+    logp, old, ref, adv, mask = _random_minibatch()
+    kw = dict(clip_low=0.2, clip_high=0.28, agg=agg, kl_coef=0.1, kl_kind=kl_kind, horizon=8)
+    whole = logp.clone().requires_grad_(True)
+    loss_whole, _ = grpo_loss(whole, old, ref, adv, mask, **kw)
+    loss_whole.backward()
+
+    denom = sum(loss_denominator(mask[b:b + 1], agg, horizon=8) for b in range(4))
+    assert denom == loss_denominator(mask, agg, horizon=8)
+    parts = logp.clone().requires_grad_(True)
+    total = 0.0
+    for b in range(4):  # each micro-batch backward on its own, as gradient accumulation does
+        loss, _ = grpo_loss(parts[b:b + 1], old[b:b + 1], ref[b:b + 1], adv[b:b + 1], mask[b:b + 1],
+                            denom=denom, **kw)
+        loss.backward()
+        total += loss.item()
+    _close(total, loss_whole.item(), tol=1e-12)
+    _close(parts.grad, whole.grad, tol=1e-12)
+
+
+def test_dropped_groups_leave_the_denominator():
+    from stages.algo.grpo import loss_denominator
+
+    # group 2 dropped (zero variance): masked out, so it neither adds loss nor counts.
+    logp = torch.zeros(2, 4, dtype=torch.float64)
+    kept = LONG_SHORT_MASK.clone()
+    kept[1] = 0
+    loss, _ = policy_loss(logp, logp, LONG_SHORT_ADV, kept)
+    _close(loss.item(), -1.0)  # group 1's one token alone, not (-1 + 0) / 5
+    assert loss_denominator(kept, "token-mean") == 1.0
+    assert loss_denominator(kept, "seq-mean-token-sum") == 1.0
+
+
+def test_k3_is_clamped_as_verl_low_var_kl():
+    # ref - logp = 4.9: raw k3 = e^4.9 - 4.9 - 1 = 128.4 (verl/Long-RL: clamped to 10)
+    logp, ref = torch.tensor([0.0, 0.0, 0.0]), torch.tensor([4.9, -30.0, 0.5])
+    raw = kl_penalty(logp, ref, "k3", clamp=False)
+    _close(raw[0], math.exp(4.9) - 4.9 - 1)
+    clamped = kl_penalty(logp, ref, "k3")
+    # -30 -> log ratio clamped to -20: e^-20 + 20 - 1 = 19.0 -> value clamped to 10
+    _close(clamped, [10.0, 10.0, math.exp(0.5) - 0.5 - 1])
+    assert kl_penalty(logp, ref, "k1", clamp=True).tolist() == kl_penalty(logp, ref, "k1", clamp=False).tolist()
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                 "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("kl_kind", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("poison", [float("nan"), float("-inf"), float("inf")])
+def test_padding_never_poisons_the_gradient(agg, kl_kind, poison):
+    from stages.algo.grpo import grpo_loss
+
+    logp, old, ref, adv, mask = _random_minibatch(seed=3)
+    clean = logp.clone().requires_grad_(True)
+    loss_clean, _ = grpo_loss(clean, old, ref, adv, mask, agg=agg, kl_coef=0.1, kl_kind=kl_kind,
+                              kl_clamp=False)
+    loss_clean.backward()
+    pad = ~mask
+    dirty = torch.where(pad, torch.full_like(logp, poison), logp).requires_grad_(True)
+    old_d = torch.where(pad, torch.full_like(old, poison), old)
+    ref_d = torch.where(pad, torch.full_like(ref, -poison if poison == poison else poison), ref)
+    loss, _ = grpo_loss(dirty, old_d, ref_d, adv, mask, agg=agg, kl_coef=0.1, kl_kind=kl_kind, kl_clamp=False)
+    loss.backward()
+    assert torch.isfinite(dirty.grad).all()
+    assert torch.equal(dirty.grad[pad], torch.zeros_like(dirty.grad[pad]))
+    _close(loss.item(), loss_clean.item(), tol=1e-12)
+    _close(dirty.grad, clean.grad, tol=1e-12)
