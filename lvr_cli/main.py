@@ -6,7 +6,6 @@ Exit codes: 0 done, 1 failed, 2 bad usage or recipe.
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -40,9 +39,10 @@ def load(path: Path, overrides: list[str] | None, stage: str | None = None, chec
     return recipe
 
 
-def run_stage(stage: str, module: str, path: Path, overrides: list[str] | None,
+def run_stage(stage: str, stage_run, path: Path, overrides: list[str] | None,
               allow_failures: bool = False) -> dict:
-    """Validate, open the run directory, run `stages.<module>.run(recipe, rundir)`, summarise."""
+    """Validate, open the run directory, run `stage_run(recipe, rundir)` (a stage module's
+    `run`), summarise."""
     from lvr_cli.recipes import RecipeError, default_output_dir
     from lvr_cli.rundir import RunDir, print_summary
 
@@ -57,7 +57,7 @@ def run_stage(stage: str, module: str, path: Path, overrides: list[str] | None,
     from stages.mrsp.dist import CollectiveError
 
     try:
-        summary = importlib.import_module(f"stages.{module}").run(recipe, run)
+        summary = stage_run(recipe, run)
     except BackendError as e:  # a backend the recipe describes cannot be built (bad key, URL, ...)
         fail(f"{path}: {e}")
     except CollectiveError as e:  # another process of the launch died or hung
@@ -94,22 +94,20 @@ def push_and_report(run_dir: Path, repo_id: str, private: bool, dry_run: bool = 
 
 def relaunch_needed(recipe) -> bool:
     """True when the recipe asks for several processes and we are not already one of them."""
-    launch = getattr(recipe, "launch", None)
     import os
 
-    return bool(launch) and launch.nproc_per_node * launch.nnodes > 1 and "LOCAL_RANK" not in os.environ
+    return recipe.world_size() > 1 and "LOCAL_RANK" not in os.environ
 
 
 def relaunch(recipe) -> int:
     """Run this same command under `torch.distributed.run` with the recipe's process count."""
     import os
-    import socket
     import subprocess
 
+    from stages.mrsp.dist import free_port
+
     launch = recipe.launch
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={launch.nproc_per_node}",
            f"--nnodes={launch.nnodes}", f"--master_port={os.environ.get('MASTER_PORT', port)}",
            "--module", "lvr_cli.main", *sys.argv[1:]]
@@ -122,43 +120,65 @@ def relaunch(recipe) -> int:
 @app.command()
 def caption(recipe: RecipeArg, overrides: OverridesArg = None, allow_failures: AllowFailures = False) -> None:
     """Cut videos into clips and caption each clip with a VLM backend -> captions.jsonl."""
-    run_stage("caption", "caption", recipe, overrides, allow_failures)
+    from stages import caption as stage
+
+    run_stage("caption", stage.run, recipe, overrides, allow_failures)
 
 
 @app.command("generate-qa")
 def generate_qa(recipe: RecipeArg, overrides: OverridesArg = None, allow_failures: AllowFailures = False) -> None:
     """Write question/reasoning/answer items per category from a video's captions -> qa.jsonl."""
-    run_stage("generate-qa", "generate_qa", recipe, overrides, allow_failures)
+    from stages import generate_qa as stage
+
+    run_stage("generate-qa", stage.run, recipe, overrides, allow_failures)
 
 
 @app.command("filter")
 def filter_(recipe: RecipeArg, overrides: OverridesArg = None, allow_failures: AllowFailures = False) -> None:
     """GRPO-aware filtering: N samples of the base model per item -> rl.jsonl and sft.jsonl."""
-    run_stage("filter", "filter", recipe, overrides, allow_failures)
+    from stages import filter as stage
+
+    run_stage("filter", stage.run, recipe, overrides, allow_failures)
 
 
 @app.command()
 def sft(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     """CoT supervised fine-tuning on <think>/<answer> targets (sequence parallel, DeepSpeed)."""
-    run_stage("sft", "sft", recipe, overrides)
+    from stages import sft as stage
+
+    run_stage("sft", stage.run, recipe, overrides)
 
 
 @app.command()
 def rl(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     """GRPO on long videos with the MR-SP runtime."""
-    run_stage("rl", "rl", recipe, overrides)
+    from stages import rl as stage
+
+    run_stage("rl", stage.run, recipe, overrides)
 
 
 @app.command("eval")
 def eval_(recipe: RecipeArg, overrides: OverridesArg = None, allow_failures: AllowFailures = False) -> None:
     """Accuracy per reasoning category (LongVideo-Reason) or per duration (VideoMME)."""
-    run_stage("eval", "eval", recipe, overrides, allow_failures)
+    from stages import eval as stage
+
+    run_stage("eval", stage.run, recipe, overrides, allow_failures)
 
 
 @app.command("bench-mrsp")
 def bench_mrsp(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     """Seconds per RL step and peak memory: vanilla vs peer vs MR-SP, per frame count."""
-    run_stage("bench-mrsp", "bench_mrsp", recipe, overrides)
+    from stages import bench_mrsp as stage
+
+    run_stage("bench-mrsp", stage.run, recipe, overrides)
+
+
+@app.command("bench-components")
+def bench_components(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+    """Per-rank time and memory of the sharded vision encode and the SP forward at SP 1, 2, 4, ..."""
+    from stages import bench_components as stage
+
+    run_stage("bench-components", stage.run, recipe, overrides)
 
 
 @app.command()
@@ -196,7 +216,9 @@ def lock(check: Annotated[bool, typer.Option("--check", help="fail if recipes.lo
 @app.command()
 def synth(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     """Generate synthetic long videos with exact ground truth in all four categories."""
-    run_stage("synth", "synth", recipe, overrides)
+    from stages import synth as stage
+
+    run_stage("synth", stage.run, recipe, overrides)
 
 
 @app.command()

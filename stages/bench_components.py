@@ -1,29 +1,32 @@
-"""Per-rank time and peak memory of MR-SP's two parallel components at SP 1, 2, 4, ...
+"""`lvr bench-components`: per-rank time and peak memory of MR-SP's two parallel components
+at SP 1, 2, 4, ...
 
-    python -m stages.bench_components [--model tiny:qwen2.5-vl-bench] [--frames 512]
-        [--sp 1 2 4] [--repeats 3] [--backward] [--checkpointing] [--out benchmarks/components]
+    lvr bench-components recipes/demo/bench_components.toml [components.frames=512 ...]
 
-Where `lvr bench-mrsp` times whole GRPO steps, this script isolates the two pieces that
-sequence parallelism splits across ranks, on one long sequence (a video of `--frames`
-random frames + a short multiple-choice question + a response of `--response-tokens`):
+Where `lvr bench-mrsp` times whole GRPO steps, this stage isolates the two pieces that
+sequence parallelism splits across ranks, on one long sequence (a video of
+`components.frames` random frames + a short multiple-choice question + a response of
+`components.response_tokens`):
 
 - `vision`: the sharded vision encode (`stages.mrsp.vision.encode_sharded`): each rank
   encodes its temporal-patch slice of the frames, a variable-size all-gather rebuilds the
   whole embedding on every rank;
 - `forward`: the Ulysses SP forward of the whole sequence computing the response's per-token
   log-probs (`stages.mrsp.logprobs.token_logprobs`), without gradients;
-- `forward+backward` (with `--backward`): the same forward with gradients for the language
+- `forward+backward` (with `components.backward`): the same forward with gradients for the language
   model, the backward, and the sum of parameter gradients over the SP group (the vision
   tower is frozen, as in the default RL recipe).
-- `forward+backward checkpointed` (with `--checkpointing`): the same with gradient
+- `forward+backward checkpointed` (with `components.checkpointing`): the same with gradient
   checkpointing of every decoder layer (`train.gradient_checkpointing`): each layer's
   activations are recomputed in the backward, under the same Ulysses attention.
 
 Every SP size from 2 runs in its own launch of `torch.distributed.run --standalone` (a free
 port chosen at run time; gloo on CPU, NCCL with one GPU per rank when CUDA is there; SP 1
-is one plain process), every collective under `--timeout-s`. On each rank a phase runs
-once to warm up, then `--repeats` times after a barrier: its time is the median wall clock
-(device synchronised). Then each phase runs `--repeats` more times for its peak memory (the
+is one plain process), every collective under `launch.timeout_s`; each worker reads the
+resolved recipe the stage hands it (`python -m stages.bench_components RECIPE.json OUT`,
+not a user command). On each rank a phase runs once to warm up, then `components.repeats`
+times after a barrier: its time is the median wall clock (device synchronised). Then each
+phase runs `components.repeats` more times for its peak memory (the
 largest of the runs), `stages.bench_mrsp.PeakMemory` reset before each: CUDA's allocator
 peak (weights included) on GPU; on CPU the growth of the resident set above the phase's
 start, sampled every 5 ms, with glibc switched (after the timed runs: it slows allocation)
@@ -34,13 +37,12 @@ wall time: on a machine shared with other jobs, a share well below 1 says the ti
 upper bounds.
 
 Self-check: SP 1 is always run and is the reference. The log-probs of every SP size must
-equal SP 1's within `--tolerance` (1e-5, float32), and the gathered vision embedding is
-compared too; the differences are stored, and the script exits 1 when one is over.
+equal SP 1's within `components.tolerance` (float32), and the gathered vision embedding is
+compared too; the differences are stored, and one over is an error (`errors.jsonl`, exit 1).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -51,46 +53,23 @@ import tempfile
 import time
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import torch
-import torch.distributed as dist
 
 from stages.bench_mrsp import libc, trim_heap
+from stages.mrsp.dist import barrier
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINTED = "forward+backward checkpointed"
 PHASES = ("vision", "forward", "forward+backward", CHECKPOINTED)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m stages.bench_components", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="tiny:qwen2.5-vl-bench", help="model.path: hub id, folder or tiny:<family>")
-    p.add_argument("--frames", type=int, default=512, help="frames of the video (even: whole temporal patches)")
-    p.add_argument("--frame-size", type=int, default=56, help="frame side in pixels (a multiple of the patch factor)")
-    p.add_argument("--response-tokens", type=int, default=64)
-    p.add_argument("--sp", type=int, nargs="+", default=[1, 2, 4], help="SP sizes (SP 1 is always run: the reference)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per phase after one warm-up")
-    p.add_argument("--backward", action="store_true", help="also time forward+backward")
-    p.add_argument("--checkpointing", action="store_true",
-                   help="also time forward+backward with gradient checkpointing (implies --backward)")
-    p.add_argument("--chunk-tokens", type=int, default=1024, help="mrsp.logprob_chunk_tokens")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--tolerance", type=float, default=1e-5,
-                   help="max |log-prob(SP s) - log-prob(SP 1)| (checked in float32 only)")
-    p.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (OMP_NUM_THREADS)")
-    p.add_argument("--timeout-s", type=float, default=600.0, help="timeout of every collective")
-    p.add_argument("--launch-timeout-s", type=float, default=3600.0, help="timeout of one SP size's launch")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="benchmarks/components", help="writes OUT.json and OUT.md")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # rank 0 of a launch writes here
-    args = p.parse_args(argv)
-    if args.frames < 2 or args.frames % 2:
-        p.error("--frames: give an even number >= 2 (a temporal patch is two frames)")
-    if min(args.sp) < 1 or args.repeats < 1:
-        p.error("--sp and --repeats must be >= 1")
-    args.backward = args.backward or args.checkpointing
-    return args
+def namespace(data):
+    """The resolved recipe (plain JSON data) as attributes, as the worker reads it."""
+    if isinstance(data, dict):
+        return SimpleNamespace(**{k: namespace(v) for k, v in data.items()})
+    return data
 
 
 # -- one rank ------------------------------------------------------------------------------------
@@ -123,8 +102,7 @@ def time_phase(fn, grid, repeats: int) -> tuple[object, dict]:
     seconds, cpu_seconds, out = [], [], None
     for _ in range(repeats):
         out = None  # the previous output must not stay alive during this run
-        if grid.distributed:
-            dist.barrier()
+        barrier(grid)
         _sync(grid.device)
         t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
@@ -139,8 +117,7 @@ def peak_of_phase(fn, grid, memory, repeats: int) -> dict:
     run's) and the memory in use before it."""
     peaks, starts = [], []
     for _ in range(repeats):
-        if grid.distributed:
-            dist.barrier()
+        barrier(grid)
         _sync(grid.device)
         trim_heap(grid.device)
         memory.reset()
@@ -151,33 +128,34 @@ def peak_of_phase(fn, grid, memory, repeats: int) -> dict:
     return {"peak_mib": max(peaks), "peak_mib_runs": peaks, "start_mib": min(starts)}
 
 
-def worker(args: argparse.Namespace) -> None:
+def worker(recipe, result: Path) -> None:
     """One rank of one SP size: build the sequence, time the phases and take their peak
-    memory; rank 0 gathers every rank's figures and writes them to `args.worker`."""
+    memory; rank 0 gathers every rank's figures and writes them to `result`."""
     from transformers.utils import logging as hf_logging
 
     from stages.bench_mrsp import PeakMemory, synthetic_sample
-    from stages.models.adapter import load_adapter
-    from stages.mrsp.dist import all_reduce_grads, destroy, init_grid
+    from stages.mrsp.dist import all_reduce_grads, destroy, gather_objects, init_grid
+    from stages.mrsp.engine import disable_checkpointing, enable_checkpointing
     from stages.mrsp.logprobs import TokenBatch, token_logprobs
     from stages.mrsp.positions import padded_length, shard_range
-    from stages.mrsp.runtime import Mode, Runtime
-    from stages.mrsp.trainer import disable_checkpointing, enable_checkpointing
+    from stages.mrsp.runtime import Mode
     from stages.mrsp.vision import encode_sharded, temporal_slices
+    from stages.setup import load_policy, make_runtime
 
     hf_logging.disable_progress_bar()
+    c, chunk = recipe.components, recipe.mrsp.logprob_chunk_tokens
     sp = int(os.environ.get("WORLD_SIZE", "1"))
-    grid = init_grid(sp, args.backend, args.timeout_s)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    adapter = load_adapter(args.model, DTYPES[args.dtype], grid.device)
+    grid = init_grid(sp, recipe.launch.backend, recipe.launch.timeout_s)
+    torch.set_num_threads(c.threads)
+    torch.manual_seed(recipe.seed)
+    adapter = load_policy(recipe, grid)
     adapter.model.requires_grad_(False)
     params = list(adapter.model.model.language_model.parameters()) + list(adapter.lm_head.parameters())
-    rt = Runtime(adapter, grid, Mode.named("mrsp"), chunk_tokens=args.chunk_tokens)
-    sample = synthetic_sample(rt, args.frames, args.frame_size, args.seed)
+    rt = make_runtime(recipe, adapter, grid, Mode.named("mrsp"))
+    sample = synthetic_sample(rt, c.frames, c.frame_size, recipe.seed)
     pixels, grid_thw = sample.video.pixels.to(grid.device), sample.video.grid_thw.to(grid.device)
-    g = torch.Generator().manual_seed(77 + args.seed)
-    response = torch.randint(10, 900, (args.response_tokens,), generator=g).tolist()
+    g = torch.Generator().manual_seed(77 + recipe.seed)
+    response = torch.randint(10, 900, (c.response_tokens,), generator=g).tolist()
 
     def vision():
         with torch.no_grad():
@@ -185,10 +163,10 @@ def worker(args: argparse.Namespace) -> None:
 
     def forward():
         with torch.no_grad():
-            return token_logprobs(adapter, batch, grid, args.chunk_tokens)[0]
+            return token_logprobs(adapter, batch, grid, chunk)[0]
 
     def forward_backward():
-        logp = token_logprobs(adapter, batch, grid, args.chunk_tokens)[0]
+        logp = token_logprobs(adapter, batch, grid, chunk)[0]
         logp[batch.score_mask].sum().backward()
         all_reduce_grads(params, grid.sp_group)
         adapter.model.zero_grad(set_to_none=True)
@@ -203,28 +181,29 @@ def worker(args: argparse.Namespace) -> None:
             adapter.model.eval()
 
     phases = {"vision": vision, "forward": forward}
-    if args.backward:
+    backward = c.backward or c.checkpointing
+    if backward:
         phases["forward+backward"] = forward_backward
-    if args.checkpointing:
+    if c.checkpointing:
         phases[CHECKPOINTED] = checkpointed
     figures = {}
-    emb, figures["vision"] = time_phase(vision, grid, args.repeats)
+    emb, figures["vision"] = time_phase(vision, grid, c.repeats)
     b = TokenBatch.from_rows([(i, p, [emb], m) for i, p, m in rt.rows(sample, [response])], rt.pad_id)
     batch = TokenBatch(b.input_ids.to(grid.device), b.position_ids.to(grid.device), b.videos,
                        b.score_mask.to(grid.device))
-    logp, figures["forward"] = time_phase(forward, grid, args.repeats)
-    if args.backward:
+    logp, figures["forward"] = time_phase(forward, grid, c.repeats)
+    if backward:
         for p in params:
             p.requires_grad_(True)
-        _, figures["forward+backward"] = time_phase(forward_backward, grid, args.repeats)
-    if args.checkpointing:
-        _, figures[CHECKPOINTED] = time_phase(checkpointed, grid, args.repeats)
+        _, figures["forward+backward"] = time_phase(forward_backward, grid, c.repeats)
+    if c.checkpointing:
+        _, figures[CHECKPOINTED] = time_phase(checkpointed, grid, c.repeats)
 
     if grid.device.type == "cpu":
         exact_rss_mode()
     memory = PeakMemory(grid.device)
     for name, fn in phases.items():
-        figures[name].update(peak_of_phase(fn, grid, memory, args.repeats))
+        figures[name].update(peak_of_phase(fn, grid, memory, c.repeats))
     memory.close()
 
     L = batch.input_ids.shape[1]
@@ -234,16 +213,12 @@ def worker(args: argparse.Namespace) -> None:
     mine = {"rank": grid.rank, "sp_rank": grid.sp_rank, "device": str(grid.device), "phases": figures,
             "tokens_per_rank": stop - start, "frames_per_rank": (t1 - t0) * adapter.patch_spec.temporal_patch_size,
             "video_tokens_per_rank": (t1 - t0) * h * w // adapter.merge_size ** 2}
-    ranks = [None] * sp if grid.is_main else None
-    if grid.distributed:
-        dist.gather_object(mine, ranks, dst=0)
-    else:
-        ranks = [mine]
+    ranks = gather_objects(mine, grid)
     if grid.is_main:
-        out = Path(args.worker)
+        out = result
         scored = logp[0][batch.score_mask[0]].float().cpu()
         torch.save({"logprobs": scored, "vision": emb.embeds.float().cpu()}, out.with_suffix(".pt"))
-        seq = {"frames": args.frames, "frame_size": args.frame_size, "sequence_tokens": L,
+        seq = {"frames": c.frames, "frame_size": c.frame_size, "sequence_tokens": L,
                "video_tokens": int(batch.input_ids[0].eq(adapter.video_token_id).sum()),
                "prompt_tokens": int(sample.prompt.input_ids.shape[0]), "response_tokens": len(response)}
         out.write_text(json.dumps({"sp": sp, "sequence": seq, "ranks": ranks}))
@@ -251,28 +226,30 @@ def worker(args: argparse.Namespace) -> None:
 
 
 # -- the driver ----------------------------------------------------------------------------------
-def launch(sp: int, args: argparse.Namespace, result: Path, argv: list[str]) -> dict:
+def launch(sp: int, recipe, spec: Path, result: Path) -> dict:
     """Run the workers of one SP size (under torchrun from SP 2); return what its rank 0 wrote."""
-    this = ["-m", "stages.bench_components", *argv, "--worker", str(result)]
+    this = ["-m", "stages.bench_components", str(spec), str(result)]
     # SP 1 is one process without a process group: no launcher needed
     cmd = [sys.executable, *this] if sp == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={sp}", *this]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    c = recipe.components
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = str(c.threads)
     load_before = os.getloadavg()[0]  # includes the previous launch's own processes, decaying
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True)
     try:
-        rc = proc.wait(timeout=args.launch_timeout_s)
+        rc = proc.wait(timeout=c.launch_timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers: the session started above
         proc.wait()
-        raise RuntimeError(f"SP {sp}: no result within --launch-timeout-s {args.launch_timeout_s:g}")
+        raise RuntimeError(f"SP {sp}: no result within components.launch_timeout_s {c.launch_timeout_s:g}")
     if rc != 0 or not result.exists():
         raise RuntimeError(f"SP {sp}: the launch failed (exit code {rc}); its ranks' errors are above")
     return {**json.loads(result.read_text()), "load_average_1min_before": load_before}
 
 
-def _uses_cuda(args: argparse.Namespace) -> bool:
-    return torch.cuda.is_available() and args.backend != "gloo"
+def _uses_cuda(recipe) -> bool:
+    return torch.cuda.is_available() and recipe.launch.backend != "gloo"
 
 
 def summarise(res: dict) -> dict:
@@ -294,6 +271,7 @@ def cores() -> int:
 
 
 def machine_line(env: dict, threads: int) -> str:
+    """The machine in words: devices, cores, threads per rank, versions."""
     cuda = env["devices"].get("cuda") or []
     where = f"{len(cuda)}x {cuda[0]}" if cuda else "CPU"
     return (f"{where}, {cores()} cores, {threads} thread(s) per rank, torch {env['versions']['torch']}, "
@@ -302,6 +280,7 @@ def machine_line(env: dict, threads: int) -> str:
 
 def markdown(data: dict) -> str:
     a, seq = data["args"], data["sequence"]
+    a = {**a["components"], "model": a["model"]["path"], "dtype": a["model"]["dtype"]}
     n_cores = cores()
     lines = [f"Machine: {data['machine']}.",
              f"Model {a['model']} ({a['dtype']}); one sequence of {seq['sequence_tokens']} tokens: a video of "
@@ -339,59 +318,56 @@ def markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    if args.worker:
-        worker(args)
-        return 0
+def run(recipe, run) -> dict:
+    """Every SP size of `components.sp_sizes` (and SP 1, the reference) in its own launch;
+    `<out_dir>/<name>.json` and `.md`; an SP size whose outputs differ from SP 1's by more
+    than `components.tolerance` is an error."""
     from stages.env import environment
     from stages.models.adapter import resolve_model_path
 
-    sizes = sorted(set([1] + args.sp))
-    if _uses_cuda(args) and max(sizes) > torch.cuda.device_count():
-        print(f"--sp {max(sizes)} needs one GPU per rank, found {torch.cuda.device_count()} "
-              "(use --backend gloo to run on CPU)", file=sys.stderr)
-        return 2
-    resolve_model_path(args.model)  # build a tiny model once, before any launch
+    c = recipe.components
+    sizes = sorted(set([1] + c.sp_sizes))
+    resolve_model_path(recipe.model.path)  # build a tiny model once, before any launch
     results = []
     with tempfile.TemporaryDirectory(prefix="lvr-bench-components-") as tmp:
+        spec = Path(tmp) / "recipe.json"
+        spec.write_text(json.dumps(recipe.model_dump(mode="json")))
         ref = None
-        for sp in sizes:
-            path = Path(tmp) / f"sp{sp}.json"
-            try:
-                res = launch(sp, args, path, argv)
-            except RuntimeError as e:
-                print(f"bench_components: {e}", file=sys.stderr)
-                return 1
-            tensors = torch.load(path.with_suffix(".pt"))
-            if ref is None:  # SP 1, the first size: the reference
-                ref = tensors
-            res["logprob_max_abs_diff"] = (tensors["logprobs"] - ref["logprobs"]).abs().max().item()
-            res["vision_max_abs_diff"] = (tensors["vision"] - ref["vision"]).abs().max().item()
-            res["logprob_mean"] = tensors["logprobs"].mean().item()
-            res["summary"] = summarise(res)
-            figs = [f for r in res["ranks"] for f in r["phases"].values()]
-            res["cpu_share"] = sum(sum(f["cpu_seconds"]) for f in figs) / sum(sum(f["seconds"]) for f in figs)
-            results.append(res)
+        with run.progress("bench-components", len(sizes)) as bar:
+            for sp in sizes:
+                path = Path(tmp) / f"sp{sp}.json"
+                res = launch(sp, recipe, spec, path)
+                tensors = torch.load(path.with_suffix(".pt"), weights_only=True)
+                if ref is None:  # SP 1, the first size: the reference
+                    ref = tensors
+                res["logprob_max_abs_diff"] = (tensors["logprobs"] - ref["logprobs"]).abs().max().item()
+                res["vision_max_abs_diff"] = (tensors["vision"] - ref["vision"]).abs().max().item()
+                res["logprob_mean"] = tensors["logprobs"].mean().item()
+                res["summary"] = summarise(res)
+                figs = [f for r in res["ranks"] for f in r["phases"].values()]
+                res["cpu_share"] = sum(sum(f["cpu_seconds"]) for f in figs) / sum(sum(f["seconds"]) for f in figs)
+                results.append(res)
+                bar.advance()
     env = environment(max(sizes))
-    data = {"name": Path(args.out).name, "machine": machine_line(env, args.threads), "cuda": _uses_cuda(args),
-            "args": {k: v for k, v in vars(args).items() if k != "worker"}, "sequence": results[0]["sequence"],
+    data = {"name": c.name, "machine": machine_line(env, c.threads), "cuda": _uses_cuda(recipe),
+            "args": recipe.model_dump(mode="json"), "sequence": results[0]["sequence"],
             "results": [{k: v for k, v in r.items() if k != "sequence"} for r in results], "env": env}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    out = Path(c.out_dir) / c.name
+    out.parent.mkdir(parents=True, exist_ok=True)
     table = markdown(data)
-    Path(f"{args.out}.json").write_text(json.dumps(data, indent=2) + "\n")
-    Path(f"{args.out}.md").write_text(table + "\n")
-    print(table)
-    if args.dtype != "float32":  # bfloat16 rounding differs with the shard shapes: no exact check
-        return 0
-    bad = [(r["sp"], what, r[f"{what}_max_abs_diff"]) for r in results for what in ("vision", "logprob")
-           if r[f"{what}_max_abs_diff"] > args.tolerance]
-    for sp, what, diff in bad:
-        print(f"SP {sp}: the {what} output differs from SP 1 by {diff:.3g} > --tolerance {args.tolerance:g}",
-              file=sys.stderr)
-    return 1 if bad else 0
+    Path(f"{out}.json").write_text(json.dumps(data, indent=2) + "\n")
+    Path(f"{out}.md").write_text(table + "\n")
+    failed = 0
+    if recipe.model.dtype in ("float32", "auto") and not _uses_cuda(recipe):  # bf16 rounding differs per shard
+        for r in results:
+            for what in ("vision", "logprob"):
+                if r[f"{what}_max_abs_diff"] > c.tolerance:
+                    failed += 1
+                    run.error(f"sp{r['sp']}/{what}", f"differs from SP 1 by {r[f'{what}_max_abs_diff']:.3g} "
+                                                      f"> components.tolerance {c.tolerance:g}")
+    return {"sp_sizes": sizes, "json": f"{out}.json", "table": f"{out}.md", "failed": failed,
+            **{f"sp{r['sp']}_{p}_s": round(v["time_s"], 4) for r in results for p, v in r["summary"].items()}}
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # one rank of a launch: python -m stages.bench_components RECIPE.json RESULT
+    worker(namespace(json.loads(Path(sys.argv[1]).read_text())), Path(sys.argv[2]))

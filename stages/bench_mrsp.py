@@ -43,15 +43,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from stages.algo.grpo import group_advantages, grpo_loss, pad_rows
-from stages.models.adapter import VLAdapter, load_adapter, load_model
+from stages.models.adapter import VLAdapter
 from stages.models.patchify import patchify
-from stages.mrsp.dist import Grid, init_grid
+from stages.mrsp.dist import Grid, all_reduce_sum, average_gradients, init_grid
 from stages.mrsp.rollout import Sampling
 from stages.mrsp.runtime import Mode, Runtime, Sample, VideoInput
-from stages.mrsp.trainer import average_gradients
+from stages.setup import load_policy, load_reference, make_runtime, open_grid
 
 MODES = {"vanilla": ("vanilla", False), "peer": ("peer", True), "mrsp-1": ("mrsp", False), "mrsp": ("mrsp", True),
          "mrsp-shared": ("mrsp-shared", True)}
@@ -161,7 +160,7 @@ def step_loss(rt: Runtime, ref: VLAdapter, samples, responses, rewards, G, algo,
             lp, mask = pad_rows(rt.logprobs(s, resp)[0])
             loss, _ = grpo_loss(lp, pad_rows(old[q])[0], pad_rows(refs[q])[0], adv[q * G:(q + 1) * G], mask,
                                 algo.clip_low, algo.clip_high, algo.dual_clip, algo.loss_agg, algo.kl_coef,
-                                algo.kl_kind)
+                                algo.kl_kind, algo.kl_clamp, horizon=len(resp[0]) if resp else None)
             (loss * rt.sp_grid.sp_size).backward()
             out.append((float(loss.detach()), float(torch.cat(old[q]).mean())))
         if optimizer is not None:
@@ -181,7 +180,7 @@ def bench_mode(name, frames, recipe, adapter, ref, grids, initial, memory, ref_r
     b, algo = recipe.bench, recipe.algo
     mode_name, use_sp = MODES[name]
     grid = grids["sp"] if use_sp else grids["one"]
-    rt = Runtime(adapter, grid, Mode.named(mode_name), chunk_tokens=recipe.mrsp.logprob_chunk_tokens)
+    rt = make_runtime(recipe, adapter, grid, Mode.named(mode_name))
     adapter.model.load_state_dict(initial)
     opt = torch.optim.AdamW([p for p in adapter.model.parameters() if p.requires_grad], lr=1e-5)
     G = recipe.rollout.n
@@ -222,9 +221,8 @@ def bench_mode(name, frames, recipe, adapter, ref, grids, initial, memory, ref_r
                 times.append((elapsed, timers))
             counters = rt.counters()
             if grid.sp_group is not None:  # encodes on one rank alone (peer rollouts) add up over the group
-                alone = torch.tensor([float(counters["vision_encodes_alone"])])
-                torch.distributed.all_reduce(alone, group=grid.sp_group)
-                counters["vision_encodes"] += int(alone.item()) - counters["vision_encodes_alone"]
+                alone = all_reduce_sum([counters["vision_encodes_alone"]], grid, group=grid.sp_group)[0]
+                counters["vision_encodes"] += int(alone) - counters["vision_encodes_alone"]
             peak = max(peak, memory.gb())
     except (MemoryCapExceeded, torch.OutOfMemoryError, MemoryError) as e:
         return {"mode": name, "frames": frames, "oom": True, "reason": str(e).splitlines()[0][:200]}
@@ -241,17 +239,12 @@ def bench_mode(name, frames, recipe, adapter, ref, grids, initial, memory, ref_r
 
 def run(recipe, run) -> dict:
     b = recipe.bench
-    grids = {"one": init_grid(1, recipe.launch.backend, recipe.launch.timeout_s),
-             "sp": init_grid(recipe.mrsp.sp_size, recipe.launch.backend, recipe.launch.timeout_s)}
+    grids = {"one": init_grid(1, recipe.launch.backend, recipe.launch.timeout_s), "sp": open_grid(recipe)}
     grid: Grid = grids["sp"]
-    torch.manual_seed(recipe.seed)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    adapter = load_adapter(recipe.model.path, torch.float32 if grid.device.type == "cpu" else torch.bfloat16,
-                           grid.device, recipe.model.attn_implementation)
+    adapter = load_policy(recipe, grid)
     adapter.model.model.visual.requires_grad_(False)
-    ref = VLAdapter(load_model(recipe.model.path, next(adapter.model.parameters()).dtype, grid.device).eval(),
-                    adapter.tokenizer, adapter.patch_spec)
-    ref.model.requires_grad_(False)
+    ref = load_reference(recipe, grid, adapter)
     initial = {k: v.detach().clone() for k, v in adapter.model.state_dict().items()}
     memory = PeakMemory(grid.device)
     results = []
@@ -293,9 +286,7 @@ def gather_peak(res: dict, grid: Grid) -> dict:
     """Peak memory of the worst rank (and the median step time of rank 0)."""
     if grid.world_size == 1 or res["oom"]:
         return res
-    t = torch.tensor([res["peak_memory_gb"]], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return {**res, "peak_memory_gb": float(t)}
+    return {**res, "peak_memory_gb": all_reduce_sum([res["peak_memory_gb"]], grid, op="max")[0]}
 
 
 def report(recipe, run, grid: Grid, results: list[dict]) -> dict:

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.backends.base import GenRequest, make_backend, one_line
+from stages.backends.base import GenRequest, one_line
+from stages.backends.factory import make_backend
 from stages.backends.jsonparse import strip_think
 from stages.data.records import done_keys, iter_jsonl
 from stages.data.video import (VideoDecodeError, cut_clips, fit_size, probe, read_frames, resize_frames,

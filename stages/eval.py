@@ -31,9 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
-import torch.distributed as dist
-
 from stages.algo.rewards import extract_answer, extract_choice
 from stages.data.records import CATEGORIES, JsonlAppender, RecordError, iter_jsonl, normalise_lvr
 from stages.data.video import VideoDecodeError
@@ -251,29 +248,13 @@ def merge_predictions(run_path: Path, items: list[EvalItem], frames_list: list[i
     return rows
 
 
-def _world_sum(value: int, grid) -> int:
-    if not grid.distributed:
-        return value
-    t = torch.tensor([value], dtype=torch.long)
-    dist.all_reduce(t)
-    return int(t.item())
-
-
-def _barrier(grid) -> None:
-    if grid.distributed:
-        dist.barrier()
-
-
 # -- the stage ---------------------------------------------------------------------------------------
 def run(recipe, run) -> dict:
-    from stages.models.adapter import load_adapter
-    from stages.mrsp.dist import init_grid
+    from stages.mrsp.dist import all_reduce_sum, barrier
     from stages.mrsp.rollout import Sampling
-    from stages.mrsp.runtime import Runtime
-    from stages.mrsp.trainer import model_dtype
+    from stages.setup import open_grid, setup
 
-    grid = init_grid(recipe.mrsp.sp_size, recipe.launch.backend, recipe.launch.timeout_s)
-    torch.manual_seed(recipe.seed)
+    grid = open_grid(recipe)
     writes = grid.sp_rank == 0  # one writer per SP group: its ranks decode the same items
     bad_records = []
 
@@ -285,17 +266,15 @@ def run(recipe, run) -> dict:
     items = load_items(recipe.data, record_error)
     frames_list = list(dict.fromkeys(recipe.video.frames or [recipe.video.max_frames]))
     done = set(read_predictions(run.path))
-    _barrier(grid)  # every rank has read the done set before anyone appends
+    barrier(grid)  # every rank has read the done set before anyone appends
     mine = items[grid.dp_rank::grid.dp_size]
     todo = {f: [it for it in mine if (it.key, f) not in done] for f in frames_list}
     total = sum(len(v) for v in todo.values())
 
     bad_videos: set[str] = set()
     if total:
-        adapter = load_adapter(recipe.model.path, model_dtype(recipe.model.dtype, grid.device), grid.device,
-                               recipe.model.attn_implementation)
-        adapter.model.eval()
-        rt = Runtime.from_recipe(adapter, grid, recipe)
+        rt = setup(recipe, grid).rt
+        rt.adapter.model.eval()
         gen = recipe.generation
         sampling = Sampling(gen.temperature, 1.0, gen.max_new_tokens, seed=recipe.seed * 1_009 + grid.dp_rank)
         part = run.path / (PREDICTIONS if grid.dp_size == 1 else f"predictions.dp{grid.dp_rank}.jsonl")
@@ -325,11 +304,11 @@ def run(recipe, run) -> dict:
             writer.close()
 
     failed = len(bad_records) if grid.is_main else 0
-    failed = _world_sum(failed + (len(bad_videos) if writes else 0), grid)
-    _barrier(grid)
+    failed = int(all_reduce_sum([failed + (len(bad_videos) if writes else 0)], grid)[0])
+    barrier(grid)
     if grid.is_main:
         merge_predictions(run.path, items, frames_list)
-    _barrier(grid)
+    barrier(grid)
     rows = list(read_predictions(run.path).values())
     wanted = {(it.key, f) for it in items for f in frames_list}
     by_frames = aggregate([r for r in rows if (str(r["key"]), int(r["frames"])) in wanted])

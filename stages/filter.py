@@ -37,18 +37,15 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import torch.distributed as dist
-
 from stages.algo.rewards import combined_reward
-from stages.data.records import (RecordError, done_keys, iter_jsonl, read_jsonl, split_problem, write_jsonl)
+from stages.data.records import (CATEGORIES, RecordError, done_keys, iter_jsonl, read_jsonl, split_problem,
+                                 write_jsonl)
 from stages.data.video import VideoDecodeError
-from stages.models.adapter import load_adapter
-from stages.mrsp.dist import Grid, even_splits, init_grid
+from stages.mrsp.dist import Grid, broadcast_object, even_splits, gather_objects
 from stages.mrsp.rollout import Sampling
 from stages.mrsp.runtime import Runtime
-from stages.mrsp.trainer import model_dtype
+from stages.setup import open_grid, setup
 
-CATEGORIES = ("temporal", "goal", "spatial", "plot")
 SCORES, SAMPLES = "scores.jsonl", "samples.jsonl"
 
 
@@ -131,7 +128,7 @@ def _video_name(rec: dict) -> str:
 # -- the stage ------------------------------------------------------------------------------
 def run(recipe, run) -> dict:
     started = time.perf_counter()
-    grid = init_grid(recipe.mrsp.sp_size, recipe.launch.backend, recipe.launch.timeout_s)
+    grid = open_grid(recipe)
     spec = recipe.filter
     src = recipe.data.input
     video_dir = recipe.data.video_dir or str(Path(src).parent)
@@ -151,14 +148,12 @@ def run(recipe, run) -> dict:
         items.append((key, rec))
 
     # 2. what an earlier run of this directory finished (rank 0 reads, everyone learns)
-    done = _broadcast(_finished_keys(run) if grid.is_main else None, grid)
+    done = broadcast_object(_finished_keys(run) if grid.is_main else None, grid)
     todo = video_order([kr for kr in items if kr[0] not in done])
 
     # 3. score the rest: the DP groups take contiguous shares, in lockstep rounds, so rank 0
     #    appends every finished question as soon as its round ends
-    adapter = load_adapter(recipe.model.path, model_dtype(recipe.model.dtype, grid.device), grid.device,
-                           recipe.model.attn_implementation)
-    rt = Runtime.from_recipe(adapter, grid, recipe)
+    rt = setup(recipe, grid).rt
     shares = even_splits(len(todo), grid.dp_size)
     begin = sum(shares[:grid.dp_rank])
     mine = todo[begin:begin + shares[grid.dp_rank]]
@@ -174,7 +169,7 @@ def run(recipe, run) -> dict:
             if r < len(mine):
                 key, rec = mine[r]
                 payload, last_video = _score_one(rt, recipe, video_dir, key, rec, last_video)
-            for result in _gather(payload if grid.sp_rank == 0 else None, grid):
+            for result in gather_objects(payload if grid.sp_rank == 0 else None, grid):
                 if result is None:
                     continue
                 bar.advance()
@@ -313,25 +308,8 @@ def _record_error(run, recorded: set, key: str, reason: str) -> None:
         run.error(key, reason)
 
 
-def _broadcast(obj, grid: Grid):
-    if not grid.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _gather(obj, grid: Grid) -> list:
-    """Every rank's `obj` on rank 0 (rank order); `[]` elsewhere."""
-    if not grid.distributed:
-        return [obj]
-    out = [None] * grid.world_size if grid.is_main else None
-    dist.gather_object(obj, out, dst=0)
-    return out or []
-
-
 def _sum_counters(counters: dict | None, grid: Grid) -> dict:
     total: Counter = Counter()
-    for c in _gather(counters, grid):
+    for c in gather_objects(counters, grid):
         total.update(c or {})
     return dict(total)

@@ -39,7 +39,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stages.backends.base import GenRequest, make_backend, one_line
+from stages.backends.base import GenRequest, one_line
+from stages.backends.factory import make_backend
 from stages.backends.jsonparse import ReplyParseError, parse_json_reply
 from stages.caption import fmt_ts
 from stages.data.records import format_problem, iter_jsonl, repair_torn_tail, write_jsonl

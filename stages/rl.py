@@ -1,10 +1,11 @@
 """`lvr rl`: GRPO on long videos with the MR-SP runtime (paper Sec. 4, Eq. 1-2).
 
-One step, top to bottom: pick `train.global_batch` questions -> G rollouts each from the
-rollout engine with the video embedding encoded once (sharded over the SP group) ->
-format + accuracy rewards -> old-policy and reference log-probs (SP forwards reusing the
-embedding) -> group-normalised advantages -> clipped objective + KL, for `algo.ppo_epochs`
-passes over `algo.mini_batches` mini-batches -> optimizer step(s).
+One step, top to bottom (`GRPOTrainer.train_step`): pick `train.global_batch` questions ->
+G rollouts each from the rollout engine with the video embedding encoded once (sharded over
+the SP group) -> format + accuracy rewards -> old-policy and reference log-probs (SP
+forwards reusing the embedding) -> group-normalised advantages -> clipped objective + KL,
+for `algo.ppo_epochs` passes over `algo.mini_batches` mini-batches -> optimizer step(s).
+What a step logs is assembled apart from its math (`step_metrics`).
 
 Where it departs from the paper:
 - The paper rolls out with vLLM on GPUs; the default engine here is the `hf` engine (one
@@ -14,6 +15,9 @@ Where it departs from the paper:
   all-gathered; a question's sampling seed depends on its place in the step only, so the
   rollouts equal those of one process. The training forwards' long prefill is split by
   token position (Ulysses) instead.
+- The loss of a mini-batch is reduced over all its tokens (or sequences) at once, on every
+  data-parallel rank together, whatever the micro-batching (`loss_denominator`): verl's
+  and DAPO's token-mean, not a mean of per-question means.
 - `model.freeze_vision = false` trains the vision tower too: the update forward re-encodes
   with gradients, embeddings are dropped after each optimizer step, and the reference
   encodes with its own tower (`Runtime.embed`).
@@ -28,82 +32,216 @@ Where it departs from the paper:
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from stages.algo.grpo import group_advantages, grpo_loss, kl_in_reward, masked_mean, pad_rows
+from stages.algo.grpo import (group_advantages, grpo_loss, kl_in_reward, loss_denominator, masked_mean,
+                              pad_rows)
 from stages.algo.rewards import combined_reward
-from stages.data.records import read_jsonl
+from stages.data.records import CATEGORIES, read_jsonl
 from stages.data.video import VideoDecodeError
-from stages.models.adapter import VLAdapter, load_adapter, load_model
-from stages.mrsp.dist import init_grid
+from stages.mrsp.checkpoint import resume, save_checkpoint, save_final
+from stages.mrsp.data_order import step_records
+from stages.mrsp.dist import all_reduce_sum, dp_mean
 from stages.mrsp.rollout import Sampling
-from stages.mrsp.runtime import Runtime
-from stages.mrsp.trainer import (TrainEngine, dp_mean, model_dtype, resume, save_checkpoint, save_final,
-                                 step_records)
+from stages.mrsp.runtime import Sample
+from stages.setup import open_grid, processor_source, setup
+
+PHASES = ("vision", "rollout", "old", "ref", "update")
 
 
-CATEGORIES = ("temporal", "goal", "spatial", "plot")
+@dataclass
+class StepBatch:
+    """One step's questions on this rank and everything computed about them, in order."""
+
+    samples: list[Sample]
+    responses: list[list[list[int]]] = field(default_factory=list)  # [question][rollout] token ids
+    texts: list[list[str]] = field(default_factory=list)
+    rewards: list[dict] = field(default_factory=list)  # [question * G + rollout] reward parts
+    old: list[list[torch.Tensor]] = field(default_factory=list)  # [question][rollout] log-probs [T]
+    refs: list[list[torch.Tensor]] = field(default_factory=list)
+    advantages: torch.Tensor | None = None  # [questions * G]
+    group_std: torch.Tensor | None = None  # [questions]
+    masks: list[torch.Tensor] = field(default_factory=list)  # [question] loss mask [G, T]
+    timers: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    stats: dict[str, list[float]] = field(default_factory=dict)
 
 
-def run(recipe, run) -> dict:
-    grid = init_grid(recipe.mrsp.sp_size, recipe.launch.backend, recipe.launch.timeout_s)
-    torch.manual_seed(recipe.seed)
-    dtype = model_dtype(recipe.model.dtype, grid.device)
-    adapter = load_adapter(recipe.model.path, dtype, grid.device, recipe.model.attn_implementation)
-    ref = None
-    if recipe.algo.kl_coef > 0:
-        ref_model = load_model(recipe.model.path, dtype, grid.device, recipe.model.attn_implementation).eval()
-        ref_model.requires_grad_(False)
-        ref = VLAdapter(ref_model, adapter.tokenizer, adapter.patch_spec)
-    rt = Runtime.from_recipe(adapter, grid, recipe)
+class GRPOTrainer:
+    """`lvr rl`: setup, the training loop, the final model."""
 
-    records = read_jsonl(recipe.data.input, on_error=lambda line, why: run.error(f"{recipe.data.input}:{line}", why))
-    records = records[:recipe.data.limit] if recipe.data.limit else records
-    video_dir = recipe.data.video_dir or str(Path(recipe.data.input).parent)
-    G, algo = recipe.rollout.n, recipe.algo
-    per_rank = recipe.train.global_batch // grid.dp_size
-    micro = recipe.train.micro_batch_per_rank
-    accum = per_rank // (micro * algo.mini_batches)
-    engine = TrainEngine(adapter.model, grid, recipe.optim, recipe.deepspeed,
-                         total_steps=recipe.train.steps * algo.ppo_epochs * algo.mini_batches, accum_steps=accum,
-                         freeze_vision=recipe.model.freeze_vision, freeze_llm_layers=recipe.model.freeze_llm_layers,
-                         gradient_checkpointing=recipe.train.gradient_checkpointing, lora=recipe.lora)
+    def __init__(self, recipe, run):
+        self.recipe, self.run, self.algo = recipe, run, recipe.algo
+        r = recipe
+        self.grid = open_grid(r)
+        self.per_rank = r.train.global_batch // self.grid.dp_size  # questions per rank per step
+        self.micro = r.train.micro_batch_per_rank
+        self.mini = self.per_rank // self.algo.mini_batches  # questions per mini-batch
+        optimizer_steps = r.train.steps * self.algo.ppo_epochs * self.algo.mini_batches
+        self.s = setup(r, self.grid, reference=self.algo.kl_coef > 0,
+                       train=(optimizer_steps, self.mini // self.micro))
+        self.rt, self.engine = self.s.rt, self.s.engine
+        self.records = read_jsonl(r.data.input, on_error=lambda line, why: run.error(f"{r.data.input}:{line}", why))
+        self.records = self.records[:r.data.limit] if r.data.limit else self.records
+        self.video_dir = r.data.video_dir or str(Path(r.data.input).parent)
+        self.held_out = read_jsonl(r.eval.input)[:r.eval.limit or None] if r.eval.input else []
 
-    start = resume(engine, run)
-    adapter.model.train()
-    held_out = read_jsonl(recipe.eval.input)[:recipe.eval.limit or None] if recipe.eval.input else []
-    if held_out and start == 0:  # where the policy starts, as step 0
-        run.metric(0, **held_out_accuracy(rt, held_out, recipe, grid))
-    history = []
-    with run.progress("rl steps", recipe.train.steps) as bar:
-        bar.advance(start)
-        for step in range(start, recipe.train.steps):
-            metrics = train_step(recipe, run, rt, ref, engine, records, video_dir, step, G, algo, per_rank, micro)
-            if held_out and ((step + 1) % recipe.eval.every_steps == 0 or step + 1 == recipe.train.steps):
-                metrics.update(held_out_accuracy(rt, held_out, recipe, grid))
-            history.append(metrics)
-            run.metric(step + 1, **metrics)
-            save_checkpoint(engine, adapter, run.path, recipe, step + 1)
-            bar.advance()
-    final = save_final(adapter, run.path, recipe.model.path, grid)
-    if grid.is_main:
-        from stages.plots import CURVES, plot_metrics
+    # -- the loop ------------------------------------------------------------------------------
+    def train(self) -> dict:
+        r, run = self.recipe, self.run
+        start = resume(self.engine, run.path, [run.file("metrics.jsonl"), run.file("samples.jsonl")])
+        self.s.adapter.model.train()
+        if self.held_out and start == 0:  # where the policy starts, as step 0
+            run.metric(0, **held_out_accuracy(self.rt, self.held_out, self.recipe, self.grid))
+        history = []
+        with run.progress("rl steps", r.train.steps) as bar:
+            bar.advance(start)
+            for step in range(start, r.train.steps):
+                metrics = self.train_step(step)
+                if self.held_out and ((step + 1) % r.eval.every_steps == 0 or step + 1 == r.train.steps):
+                    metrics.update(held_out_accuracy(self.rt, self.held_out, self.recipe, self.grid))
+                history.append(metrics)
+                run.metric(step + 1, **metrics)
+                save_checkpoint(self.engine, self.s.adapter.tokenizer, run.path, step + 1,
+                                every_steps=r.checkpoint.every_steps, last_step=r.train.steps,
+                                keep_last=r.checkpoint.keep_last, processor_source=processor_source(r))
+                bar.advance()
+        final = save_final(self.s.adapter.model, self.s.adapter.tokenizer, run.path, self.grid, processor_source(r))
+        if self.grid.is_main:
+            from stages.plots import CURVES, plot_metrics
 
-        name, keys, title = CURVES["rl"]
-        plot_metrics(run.file("metrics.jsonl"), run.file(name), keys, title)
-    # One step's accuracy is a few questions' worth: compare the halves of the run instead.
-    acc = [m["reward/accuracy"] for m in history if "reward/accuracy" in m]
-    half = len(acc) // 2
-    mean = (lambda xs: round(sum(xs) / len(xs), 4) if xs else None)
-    return {"steps": recipe.train.steps, "resumed_from": start, "final": str(final),
-            "accuracy_first_half": mean(acc[:half]), "accuracy_second_half": mean(acc[half:]),
-            "eval_accuracy_last": next((h["eval_accuracy"] for h in reversed(history) if "eval_accuracy" in h), None),
-            "gradient_checkpointing": engine.checkpointing, "trainable_params": engine.trainable_params, "failed": 0}
+            name, keys, title = CURVES["rl"]
+            plot_metrics(run.file("metrics.jsonl"), run.file(name), keys, title)
+        return summary(history, start, final, self.engine, r.train.steps)
+
+    def train_step(self, step: int) -> dict:
+        rt, algo, G = self.rt, self.algo, self.recipe.rollout.n
+        rt.new_step()
+        rt.reset_counters()
+
+        # 1. the step's questions and their videos (encoded once, sharded over the SP group)
+        b = StepBatch(self.load_samples(step))
+        with Timer(b.timers, "vision"), torch.no_grad():
+            for s in b.samples:
+                rt.embed(s)
+
+        # 2. G rollouts per question
+        with Timer(b.timers, "rollout"):
+            groups = rt.generate(b.samples, G, self.sampling(step))
+        b.responses = [[r.token_ids for r in g] for g in groups]
+        b.texts = [[r.text for r in g] for g in groups]
+
+        # 3. rewards
+        b.rewards = [self.reward(s, rt.response_text(ids)) for s, g in zip(b.samples, b.responses) for ids in g]
+
+        # 4. old-policy and reference log-probs (no gradient, embedding reused), a micro-batch per forward
+        with torch.no_grad():
+            with Timer(b.timers, "old"):
+                b.old = self.logprobs(b)
+            with Timer(b.timers, "ref"):
+                b.refs = self.logprobs(b, model=self.s.ref) if self.s.ref is not None else []
+
+        # 5. advantages (KL folded into the reward when asked); loss masks without dropped groups
+        reward_t = torch.tensor([p["total"] for p in b.rewards], dtype=torch.float32)
+        if b.refs and algo.kl_in_reward:
+            lp, mask = pad_rows([x for g in b.old for x in g])
+            reward_t = kl_in_reward(reward_t, lp, pad_rows([x for g in b.refs for x in g])[0], mask,
+                                    algo.kl_coef, algo.kl_kind, algo.kl_clamp)
+        b.advantages = group_advantages(reward_t, G, scale_by_std=algo.scale_by_std) if b.samples else reward_t
+        b.group_std = reward_t.view(-1, G).std(dim=1) if b.samples else reward_t
+        keep = b.group_std > 0 if algo.drop_zero_variance_groups else torch.ones_like(b.group_std, dtype=torch.bool)
+        b.masks = [pad_rows(g)[1] & bool(keep[q]) for q, g in enumerate(b.old)]
+
+        # 6. clipped objective + KL: ppo_epochs x mini_batches optimizer steps, each mini-batch's
+        #    loss reduced over all its tokens on every data-parallel rank
+        with Timer(b.timers, "update"):
+            denoms = self.mini_batch_denominators(b)
+            for _ in range(algo.ppo_epochs):
+                for m, denom in enumerate(denoms):
+                    self.update_mini_batch(b, range(m * self.mini, (m + 1) * self.mini), denom)
+
+        # 7. metrics and samples
+        self.write_samples(b, step)
+        return step_metrics(b, self, G)
+
+    # -- the pieces of a step ------------------------------------------------------------------
+    def load_samples(self, step: int) -> list[Sample]:
+        """This rank's questions of `step`; an unreadable one is recorded and left out."""
+        r, grid = self.recipe, self.grid
+        samples = []
+        for i in step_records(len(self.records), step, r.train.global_batch, r.seed, grid.dp_rank, grid.dp_size):
+            try:
+                samples.append(self.rt.sample(self.records[i], self.video_dir))
+            except (VideoDecodeError, KeyError, ValueError) as e:
+                self.run.error(str(self.records[i].get("problem_id", i)), f"{type(e).__name__}: {e}")
+        return samples
+
+    def sampling(self, step: int) -> Sampling:
+        ro = self.recipe.rollout
+        return Sampling(ro.temperature, ro.top_p, ro.max_new_tokens,
+                        seed=(self.recipe.seed * 1_000_003 + step) * 1_009 + self.grid.dp_rank)
+
+    def reward(self, s: Sample, text: str) -> dict:
+        w = self.recipe.reward
+        return combined_reward(text, s.record["answer"], options=s.record.get("options"),
+                               format_weight=w.format_weight, accuracy_weight=w.accuracy_weight)
+
+    def logprobs(self, b: StepBatch, model=None) -> list[list[torch.Tensor]]:
+        out = []
+        for u in range(0, len(b.samples), self.micro):
+            out += self.rt.group_logprobs(b.samples[u:u + self.micro], b.responses[u:u + self.micro], model=model)[0]
+        return out
+
+    def mini_batch_denominators(self, b: StepBatch) -> list[float]:
+        """Per mini-batch, what its loss is divided by: summed over its questions on every
+        data-parallel rank (question slots past a failed video count nothing)."""
+        local = [sum(loss_denominator(b.masks[q], self.algo.loss_agg, self.recipe.rollout.max_new_tokens)
+                     for q in range(m * self.mini, min((m + 1) * self.mini, len(b.samples))))
+                 for m in range(self.algo.mini_batches)]
+        return all_reduce_sum(local, self.grid, group=self.grid.dp_group)
+
+    def update_mini_batch(self, b: StepBatch, slots: range, denom: float) -> None:
+        """Backward over the mini-batch's micro-batches (a micro-batch per `micro` question
+        slots, so the optimizer steps on the same boundaries when a video failed to load)."""
+        algo, G, rt = self.algo, self.recipe.rollout.n, self.rt
+        kl_ref = bool(b.refs) and not algo.kl_in_reward
+        for u0 in range(slots.start, slots.stop, self.micro):
+            idx = [q for q in range(u0, u0 + self.micro) if q < len(b.samples)]
+            loss = torch.zeros((), requires_grad=True)
+            if idx:
+                lps, ents = rt.group_logprobs([b.samples[q] for q in idx], [b.responses[q] for q in idx],
+                                              entropy=True, grad_vision=rt.vision_trains)
+                lp, _ = pad_rows([x for g in lps for x in g])
+                mask = pad_rows_mask([b.masks[q] for q in idx], lp.shape[1])
+                width = lp.shape[1]
+                loss, st = grpo_loss(
+                    lp, _rows([x for q in idx for x in b.old[q]], width),
+                    _rows([x for q in idx for x in b.refs[q]], width) if kl_ref else None,
+                    torch.cat([b.advantages[q * G:(q + 1) * G] for q in idx]), mask,
+                    algo.clip_low, algo.clip_high, algo.dual_clip, algo.loss_agg, algo.kl_coef, algo.kl_kind,
+                    algo.kl_clamp, denom=denom, horizon=self.recipe.rollout.max_new_tokens)
+                ent, _ = pad_rows([x.detach() for g in ents for x in g])
+                st["entropy"] = float(masked_mean(_widen(ent, width), mask))
+                st["loss"] = float(loss.detach())
+                for k, v in st.items():
+                    b.stats.setdefault(k, []).append(float(v))
+            self.engine.backward(loss, summed=True)
+            if self.engine.step():
+                rt.optimizer_stepped()
+
+    def write_samples(self, b: StepBatch, step: int) -> None:
+        G = self.recipe.rollout.n
+        for qi, s in enumerate(b.samples):
+            for j, text in enumerate(b.texts[qi]):
+                p = b.rewards[qi * G + j]
+                self.run.sample({"step": step + 1, "problem_id": s.key, "rollout": j, "response": text,
+                                 "reward": p["total"], "format": p["format"], "accuracy": p["accuracy"],
+                                 "advantage": float(b.advantages[qi * G + j])})
 
 
-def held_out_accuracy(rt: Runtime, records: list[dict], recipe, grid) -> dict:
+def held_out_accuracy(rt, records: list[dict], recipe, grid) -> dict:
     """Greedy accuracy on the held-out records (`[eval]`), overall and per category, scored by
     the RL accuracy reward; each DP rank takes its share. Unreadable items are left out."""
     video_dir = str(Path(recipe.eval.input).parent)
@@ -127,125 +265,78 @@ def held_out_accuracy(rt: Runtime, records: list[dict], recipe, grid) -> dict:
     return {k: round(v, 6) for k, v in out.items()}
 
 
-def train_step(recipe, run, rt: Runtime, ref: VLAdapter | None, engine: TrainEngine, records, video_dir,
-               step: int, G: int, algo, per_rank: int, micro: int) -> dict:
-    grid = rt.grid
-    timers = dict.fromkeys(("vision", "rollout", "old", "ref", "update"), 0.0)
-    rt.new_step()
-    rt.reset_counters()
+# -- helpers -------------------------------------------------------------------------------------
+class Timer:
+    """Add the seconds of a `with` block to `timers[name]`."""
 
-    # 1. the step's questions and their videos (encoded once, sharded over the SP group)
-    samples = []
-    for i in step_records(len(records), step, recipe.train.global_batch, recipe.seed, grid.dp_rank, grid.dp_size):
-        try:
-            samples.append(rt.sample(records[i], video_dir))
-        except (VideoDecodeError, KeyError, ValueError) as e:
-            run.error(str(records[i].get("problem_id", i)), f"{type(e).__name__}: {e}")
-    t = time.perf_counter()
-    with torch.no_grad():
-        for s in samples:
-            rt.embed(s)
-    timers["vision"] = time.perf_counter() - t
+    def __init__(self, timers: dict, name: str):
+        self.timers, self.name = timers, name
 
-    # 2. G rollouts per question
-    t = time.perf_counter()
-    sampling = Sampling(recipe.rollout.temperature, recipe.rollout.top_p, recipe.rollout.max_new_tokens,
-                        seed=(recipe.seed * 1_000_003 + step) * 1_009 + grid.dp_rank)
-    groups = rt.generate(samples, G, sampling)
-    timers["rollout"] = time.perf_counter() - t
-    responses = [[r.token_ids for r in g] for g in groups]
+    def __enter__(self):
+        self.t0 = time.perf_counter()
 
-    # 3. rewards
-    rewards, parts = [], []
-    for s, g in zip(samples, groups):
-        for r in g:
-            text = rt.response_text(r.token_ids)
-            rw = combined_reward(text, s.record["answer"], options=s.record.get("options"),
-                                 format_weight=recipe.reward.format_weight,
-                                 accuracy_weight=recipe.reward.accuracy_weight)
-            rewards.append(rw["total"])
-            parts.append(rw)
+    def __exit__(self, *exc):
+        self.timers[self.name] += time.perf_counter() - self.t0
 
-    # 4. old-policy and reference log-probs (no gradient, embedding reused), a micro-batch per forward
-    old, refs = [], []
-    with torch.no_grad():
-        t = time.perf_counter()
-        for u in range(0, len(samples), micro):
-            old += rt.group_logprobs(samples[u:u + micro], responses[u:u + micro])[0]
-        timers["old"] = time.perf_counter() - t
-        t = time.perf_counter()
-        if ref is not None:
-            for u in range(0, len(samples), micro):
-                refs += rt.group_logprobs(samples[u:u + micro], responses[u:u + micro], model=ref)[0]
-        timers["ref"] = time.perf_counter() - t
 
-    # 5. advantages (KL folded into the reward when asked)
-    reward_t = torch.tensor(rewards, dtype=torch.float32)
-    if ref is not None and algo.kl_in_reward:
-        lp, mask = pad_rows([x for g in old for x in g])
-        rl_, _ = pad_rows([x for g in refs for x in g])
-        reward_t = kl_in_reward(reward_t, lp, rl_, mask, algo.kl_coef, algo.kl_kind)
-    adv = group_advantages(reward_t, G, scale_by_std=algo.scale_by_std) if samples else reward_t
-    group_std = reward_t.view(-1, G).std(dim=1) if samples else reward_t
-    keep_group = (group_std > 0) if algo.drop_zero_variance_groups else torch.ones_like(group_std, dtype=torch.bool)
+def _widen(x: torch.Tensor, width: int) -> torch.Tensor:
+    """`[B, T]` zero-padded on the right to `[B, width]`."""
+    return torch.nn.functional.pad(x, (0, width - x.shape[1])) if x.shape[1] < width else x
 
-    # 6. clipped objective + KL, ppo_epochs x mini_batches optimizer steps
-    t = time.perf_counter()
-    stats_acc: dict[str, list[float]] = {}
-    kl_ref = ref is not None and not algo.kl_in_reward
-    for _ in range(algo.ppo_epochs):
-        # A micro-batch per `micro` question slots, so the optimizer steps on the same
-        # boundaries even when a question's video failed to load (its slot is empty).
-        for u0 in range(0, per_rank, micro):
-            idx = range(u0, min(u0 + micro, len(samples)))
-            loss = torch.zeros((), requires_grad=True)
-            lps, ents = rt.group_logprobs([samples[q] for q in idx], [responses[q] for q in idx], entropy=True,
-                                          grad_vision=rt.vision_trains)
-            for q, lp_list, ent_list in zip(idx, lps, ents):
-                lp, mask = pad_rows(lp_list)
-                mask = mask & bool(keep_group[q])
-                total, st = grpo_loss(lp, pad_rows(old[q])[0], pad_rows(refs[q])[0] if kl_ref else None,
-                                      adv[q * G:(q + 1) * G], mask, algo.clip_low, algo.clip_high, algo.dual_clip,
-                                      algo.loss_agg, algo.kl_coef, algo.kl_kind)
-                st["entropy"] = float(masked_mean(pad_rows(ent_list)[0].detach(), mask))
-                st["loss"] = float(total.detach())
-                for k, v in st.items():
-                    stats_acc.setdefault(k, []).append(float(v))
-                loss = loss + total / len(idx)
-            engine.backward(loss)
-            if engine.step():
-                rt.optimizer_stepped()
-    timers["update"] = time.perf_counter() - t
 
-    # 7. metrics and samples
-    n = max(len(rewards), 1)
-    out = {f"reward/{k}": sum(p[k] for p in parts) / n for k in ("total", "format", "accuracy")}
-    per_cat = {c: [0.0, 0.0] for c in CATEGORIES}  # accuracy sum, count (summed over ranks below)
-    for qi, s in enumerate(samples):
-        cat = s.record.get("category", s.record.get("problem_type"))
-        if cat in per_cat:
-            per_cat[cat][0] += sum(p["accuracy"] for p in parts[qi * G:(qi + 1) * G])
-            per_cat[cat][1] += G
-    lengths = [len(r) for g in responses for r in g]
+def _rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    return _widen(pad_rows(rows)[0], width)
+
+
+def pad_rows_mask(masks: list[torch.Tensor], width: int) -> torch.Tensor:
+    """The questions' `[G, T_q]` masks stacked to `[sum G, width]`."""
+    return torch.cat([_widen(m, width) for m in masks]) if masks else torch.zeros(0, width, dtype=torch.bool)
+
+
+def step_metrics(b: StepBatch, t: GRPOTrainer, G: int) -> dict:
+    """One step's metrics, averaged (or, for counts, summed) over the data-parallel ranks."""
+    grid, n = t.grid, max(len(b.rewards), 1)
+    out = {f"reward/{k}": sum(p[k] for p in b.rewards) / n for k in ("total", "format", "accuracy")}
+    lengths = [len(r) for g in b.responses for r in g]
+    adv = b.advantages
+    # `loss` and `kl` of a micro-batch are its share of the mini-batch's: add the shares up
+    # (over micro-batches here and over data-parallel ranks by the dp_size factor below)
+    updates = t.algo.ppo_epochs * t.algo.mini_batches
+    shares = {k: sum(b.stats.pop(k, [])) / updates * grid.dp_size for k in ("loss", "kl") if k in b.stats}
     out.update({
         "advantage/mean": float(adv.mean()) if len(adv) else 0.0,
         "advantage/abs_mean": float(adv.abs().mean()) if len(adv) else 0.0,
-        "zero_variance_groups": float((group_std == 0).float().mean()) if len(group_std) else 0.0,
+        "zero_variance_groups": float((b.group_std == 0).float().mean()) if len(b.group_std) else 0.0,
         "response_length": sum(lengths) / max(len(lengths), 1),
-        **{k: sum(v) / len(v) for k, v in stats_acc.items()},
-        "lr": engine.lr, "grad_norm": engine.last_grad_norm,
-        **{f"time/{k}": v for k, v in timers.items()},
+        **shares, **{k: sum(v) / len(v) for k, v in b.stats.items()},
+        "lr": t.engine.lr, "grad_norm": t.engine.last_grad_norm,
+        **{f"time/{k}": v for k, v in b.timers.items()},
     })
     out = dp_mean(out, grid)
+    per_cat = {c: [0.0, 0.0] for c in CATEGORIES}  # accuracy sum, count (summed over ranks below)
+    for qi, s in enumerate(b.samples):
+        cat = s.record.get("category", s.record.get("problem_type"))
+        if cat in per_cat:
+            per_cat[cat][0] += sum(p["accuracy"] for p in b.rewards[qi * G:(qi + 1) * G])
+            per_cat[cat][1] += G
     sums = dp_mean({f"{c}/{i}": v[i] for c, v in per_cat.items() for i in (0, 1)}, grid)
     out.update({f"accuracy/{c}": sums[f"{c}/0"] / sums[f"{c}/1"] for c in CATEGORIES if sums[f"{c}/1"] > 0})
-    out.update(rt.counters())
+    out.update(t.rt.counters())
     if torch.cuda.is_available():
         out["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
-    for qi, (s, g) in enumerate(zip(samples, groups)):
-        for j, r in enumerate(g):
-            p = parts[qi * G + j]
-            run.sample({"step": step + 1, "problem_id": s.key, "rollout": j, "response": r.text,
-                        "reward": p["total"], "format": p["format"], "accuracy": p["accuracy"],
-                        "advantage": float(adv[qi * G + j])})
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+def summary(history: list[dict], start: int, final: Path, engine, steps: int) -> dict:
+    # One step's accuracy is a few questions' worth: compare the halves of the run instead.
+    acc = [m["reward/accuracy"] for m in history if "reward/accuracy" in m]
+    half = len(acc) // 2
+    mean = (lambda xs: round(sum(xs) / len(xs), 4) if xs else None)
+    return {"steps": steps, "resumed_from": start, "final": str(final),
+            "accuracy_first_half": mean(acc[:half]), "accuracy_second_half": mean(acc[half:]),
+            "eval_accuracy_last": next((h["eval_accuracy"] for h in reversed(history) if "eval_accuracy" in h), None),
+            "gradient_checkpointing": engine.checkpointing, "trainable_params": engine.trainable_params, "failed": 0}
+
+
+def run(recipe, run) -> dict:
+    return GRPOTrainer(recipe, run).train()

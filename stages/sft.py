@@ -19,10 +19,11 @@ import torch
 
 from stages.data.records import answer_target, read_jsonl
 from stages.data.video import VideoDecodeError
-from stages.models.adapter import load_adapter
-from stages.mrsp.dist import init_grid
+from stages.mrsp.checkpoint import resume, save_checkpoint, save_final
+from stages.mrsp.data_order import step_records
+from stages.mrsp.dist import dp_mean
 from stages.mrsp.runtime import Runtime, Sample
-from stages.mrsp.trainer import TrainEngine, dp_mean, model_dtype, resume, save_checkpoint, save_final, step_records
+from stages.setup import open_grid, processor_source, setup
 
 
 def target_text(record: dict) -> str:
@@ -42,11 +43,11 @@ def nll(rt: Runtime, samples: list[Sample], grad_vision: bool = False) -> tuple[
 
 
 def run(recipe, run) -> dict:
-    grid = init_grid(recipe.mrsp.sp_size, recipe.launch.backend, recipe.launch.timeout_s)
-    torch.manual_seed(recipe.seed)
-    adapter = load_adapter(recipe.model.path, model_dtype(recipe.model.dtype, grid.device), grid.device,
-                           recipe.model.attn_implementation)
-    rt = Runtime.from_recipe(adapter, grid, recipe)
+    grid = open_grid(recipe)
+    per_rank = recipe.train.global_batch // grid.dp_size
+    micro = recipe.train.micro_batch_per_rank
+    built = setup(recipe, grid, train=(recipe.train.steps, per_rank // micro))
+    adapter, rt, engine = built.adapter, built.rt, built.engine
 
     records = read_jsonl(recipe.data.input, on_error=lambda line, why: run.error(f"{recipe.data.input}:{line}", why))
     records = records[:recipe.data.limit] if recipe.data.limit else records
@@ -54,13 +55,7 @@ def run(recipe, run) -> dict:
     held_out = []
     if recipe.eval.input:
         held_out = read_jsonl(recipe.eval.input)[:recipe.eval.limit or None]
-    per_rank = recipe.train.global_batch // grid.dp_size
-    micro = recipe.train.micro_batch_per_rank
-    engine = TrainEngine(adapter.model, grid, recipe.optim, recipe.deepspeed, total_steps=recipe.train.steps,
-                         accum_steps=per_rank // micro, freeze_vision=recipe.model.freeze_vision,
-                         freeze_llm_layers=recipe.model.freeze_llm_layers,
-                         gradient_checkpointing=recipe.train.gradient_checkpointing, lora=recipe.lora)
-    start = resume(engine, run)
+    start = resume(engine, run.path, [run.file("metrics.jsonl"), run.file("samples.jsonl")])
     adapter.model.train()
     history = []
     with run.progress("sft steps", recipe.train.steps) as bar:
@@ -94,9 +89,11 @@ def run(recipe, run) -> dict:
             metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
             history.append(metrics)
             run.metric(step + 1, **metrics)
-            save_checkpoint(engine, adapter, run.path, recipe, step + 1)
+            save_checkpoint(engine, adapter.tokenizer, run.path, step + 1, every_steps=recipe.checkpoint.every_steps,
+                            last_step=recipe.train.steps, keep_last=recipe.checkpoint.keep_last,
+                            processor_source=processor_source(recipe))
             bar.advance()
-    final = save_final(adapter, run.path, recipe.model.path, grid)
+    final = save_final(adapter.model, adapter.tokenizer, run.path, grid, processor_source(recipe))
     if grid.is_main:
         from stages.plots import CURVES, plot_metrics
 

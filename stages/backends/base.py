@@ -11,9 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-BACKEND_KINDS = ("openai", "transformers", "vllm")
-
-
 class BackendError(Exception):
     """A backend that cannot be built from its configuration (one-line message)."""
 
@@ -95,21 +92,3 @@ def map_video_parts(messages: list[dict[str, Any]], convert) -> list[dict[str, A
             parts.extend(convert(part) if is_video else [part])
         out.append({**message, "content": parts})
     return out
-
-
-def make_backend(cfg: Any) -> Backend:
-    """The backend `cfg.kind` names, built from `cfg` (heavy imports happen here)."""
-    kind = getattr(cfg, "kind", None)
-    if kind == "openai":
-        from stages.backends.openai_http import OpenAIBackend
-
-        return OpenAIBackend(cfg)
-    if kind == "transformers":
-        from stages.backends.transformers_backend import TransformersBackend
-
-        return TransformersBackend(cfg)
-    if kind == "vllm":
-        from stages.backends.vllm_backend import VLLMBackend
-
-        return VLLMBackend(cfg)
-    raise BackendError(f"backend.kind: unknown backend {kind!r}; expected one of {', '.join(BACKEND_KINDS)}")

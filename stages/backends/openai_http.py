@@ -96,21 +96,22 @@ class OpenAIBackend:
     """Chat completions against `{cfg.base_url}/chat/completions`, `cfg.max_concurrency` at a time."""
 
     def __init__(self, cfg: Any):
-        base_url = (getattr(cfg, "base_url", None) or "").rstrip("/")
+        base_url = (cfg.base_url or "").rstrip("/")
         parsed = urllib.parse.urlparse(base_url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise BackendError(f"backend.base_url: expected an http(s) URL such as http://localhost:8000/v1, got {base_url!r}")
-        if not getattr(cfg, "model", None):
+        if not cfg.model:
             raise BackendError("backend.model: the model name to send to the server is required")
         self.url = base_url + "/chat/completions"
         self.model: str = cfg.model
-        self.max_concurrency = max(1, int(getattr(cfg, "max_concurrency", 1) or 1))
-        self.timeout_s = float(getattr(cfg, "timeout_s", 60.0) or 60.0)
-        self.max_retries = max(0, int(getattr(cfg, "max_retries", 0) or 0))
-        self.backoff_s = max(0.0, float(getattr(cfg, "backoff_s", 1.0) or 0.0))
-        self.extra_body = dict(getattr(cfg, "extra_body", None) or {})
+        # the section's own values: its schema (BackendSection) holds the defaults and bounds
+        self.max_concurrency = cfg.max_concurrency
+        self.timeout_s = cfg.timeout_s
+        self.max_retries = cfg.max_retries
+        self.backoff_s = cfg.backoff_s
+        self.extra_body = dict(cfg.extra_body)
 
-        api_key_env = getattr(cfg, "api_key_env", None)
+        api_key_env = cfg.api_key_env
         self.__api_key: str | None = None
         if api_key_env:
             value = os.environ.get(api_key_env)

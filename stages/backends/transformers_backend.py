@@ -36,10 +36,10 @@ class TransformersBackend:
     def __init__(self, cfg: Any):
         import torch
 
-        if not getattr(cfg, "model", None):
+        if not cfg.model:
             raise BackendError("backend.model: the model to load is required")
         self.model_name: str = cfg.model
-        self.batch_size = max(1, int(getattr(cfg, "max_concurrency", 1) or 1))
+        self.batch_size = cfg.max_concurrency
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
         try:

@@ -27,11 +27,11 @@ class VLLMBackend:
             import vllm
         except ImportError:
             raise BackendError("backend.kind='vllm' needs the vllm extra: pip install 'lvr[vllm]'") from None
-        if not getattr(cfg, "model", None):
+        if not cfg.model:
             raise BackendError("backend.model: the model to load into vLLM is required")
         self._vllm = vllm
         self.model: str = cfg.model
-        self.extra_sampling = dict(getattr(cfg, "extra_body", None) or {})
+        self.extra_sampling = dict(cfg.extra_body)
 
         engine_kwargs: dict[str, Any] = {"model": cfg.model}
         engine_fields = {f.name for f in dataclasses.fields(vllm.EngineArgs)}

@@ -113,7 +113,7 @@ def _check(cfg, seed: int) -> None:
             f"seconds / event_seconds must allow 3 complete scenes (flash, press, consequence), "
             f"got {cfg.seconds} / {cfg.event_seconds}"
         )
-    if question_set(cfg) == "perception" and complete < 5:
+    if cfg.question_set == "perception" and complete < 5:
         raise ValueError(
             f"question_set 'perception' needs 5 complete scenes (the press colour must fill the most), "
             f"got {cfg.seconds} / {cfg.event_seconds}"
@@ -134,7 +134,7 @@ def build_script(cfg, seed: int, index: int) -> VideoScript:
 
     # Flash and press at uniformly random complete scenes; the press scene needs a complete
     # coloured scene after it to show its consequence.
-    perception = question_set(cfg) == "perception"
+    perception = cfg.question_set == "perception"
     pairs = [(f, p) for f in range(n_complete) for p in range(n_complete - 1) if p != f and p + 1 != f]
     if perception:  # press early: its colour then fills most of the video
         pairs = [(f, p) for f, p in pairs if p <= 1]
@@ -350,10 +350,6 @@ def _plot(script: VideoScript) -> list[tuple]:
     )]
 
 
-def question_set(cfg) -> str:
-    return getattr(cfg, "question_set", "reasoning")
-
-
 def _longest(durations: dict[str, float]) -> str:
     ranked = sorted(durations.items(), key=lambda kv: -kv[1])
     if len(ranked) > 1 and ranked[0][1] - ranked[1][1] < 1e-6:
@@ -425,7 +421,7 @@ OPTION_LISTS = {
 def make_questions(script: VideoScript, cfg, clips: list[dict], rng: np.random.Generator) -> list[dict]:
     """LongVideo-Reason records for one video, ground truth read from its script."""
     q = cfg.questions_per_category
-    if question_set(cfg) == "perception":
+    if cfg.question_set == "perception":
         drafts = _perception(script)
     else:
         drafts = {

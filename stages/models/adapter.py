@@ -30,6 +30,13 @@ def resolve_model_path(path: str) -> str:
     return str(resolve_tiny(path)) if family_of(path) is not None else path
 
 
+def model_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The torch dtype `model.dtype` names (`auto`: fp32 on CPU, bf16 on CUDA)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 

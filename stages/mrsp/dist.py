@@ -5,20 +5,25 @@
 collective runs under the process group's timeout, so a rank that dies makes the others
 fail within that time rather than hang, with a `CollectiveError` that says so in one line.
 
-The autograd-aware collectives here (`all_gather_rows`, `all_to_all_4d`, `sum_disjoint`)
-are the only places where MR-SP moves tensors between ranks.
+Every collective of lvr lives here: the autograd-aware ones MR-SP moves tensors with
+(`all_gather_rows`, `all_to_all`, `sum_disjoint`) and the plain ones the stages use for
+metrics, work lists and barriers (`all_reduce_sum`, `dp_mean`, `broadcast_object`,
+`gather_objects`, `barrier`, `average_gradients`).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-_timeout_s = 300.0  # the process groups' timeout, for the message of a failed collective
+# The timeout each process group was made with (None: the default group), for the message
+# of a failed collective; filled by `init_grid`.
+_timeouts_s: dict[object, float] = {}
 
 
 class CollectiveError(RuntimeError):
@@ -31,9 +36,11 @@ def _collective(op: str, pg, call, *args, **kwargs):
         return call(*args, **kwargs)
     except RuntimeError as e:  # gloo/NCCL report a dead peer or a timeout as RuntimeError subclasses
         reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        timeout = _timeouts_s.get(pg, _timeouts_s.get(None))
+        within = f"within {timeout:g} s" if timeout is not None else "in time"
         raise CollectiveError(
             f"rank {dist.get_rank()}: {op} over {dist.get_world_size(pg)} ranks failed: another rank died "
-            f"or did not answer within {_timeout_s:g} s ({reason})") from e
+            f"or did not answer {within} ({reason})") from e
 
 
 @dataclass
@@ -68,9 +75,10 @@ class Grid:
         return self.world_size > 1
 
 
-def init_grid(sp_size: int = 1, backend: str = "auto", timeout_s: float = 300.0) -> Grid:
+def init_grid(sp_size: int, backend: str, timeout_s: float) -> Grid:
     """Join the process group described by torchrun's environment (single process without it)
-    and build the SP and DP groups."""
+    and build the SP and DP groups; `backend` auto, gloo or nccl; every collective times out
+    after `timeout_s`."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world % sp_size:
         raise ValueError(f"mrsp.sp_size: {sp_size} does not divide the world size {world}")
@@ -80,8 +88,7 @@ def init_grid(sp_size: int = 1, backend: str = "auto", timeout_s: float = 300.0)
         torch.cuda.set_device(device)
     if world == 1:
         return Grid(device=device)
-    global _timeout_s
-    _timeout_s = timeout_s
+    _timeouts_s[None] = timeout_s
     if not dist.is_initialized():
         chosen = ("nccl" if use_cuda else "gloo") if backend == "auto" else backend
         dist.init_process_group(chosen, timeout=timedelta(seconds=timeout_s),
@@ -91,10 +98,12 @@ def init_grid(sp_size: int = 1, backend: str = "auto", timeout_s: float = 300.0)
     # Every rank must create every group, in the same order.
     for start in range(0, world, sp_size):
         g = dist.new_group(list(range(start, start + sp_size)), timeout=timedelta(seconds=timeout_s))
+        _timeouts_s[g] = timeout_s
         if start <= rank < start + sp_size:
             sp_group = g
     for offset in range(sp_size):
         g = dist.new_group(list(range(offset, world, sp_size)), timeout=timedelta(seconds=timeout_s))
+        _timeouts_s[g] = timeout_s
         if rank % sp_size == offset:
             dp_group = g
     return Grid(world_size=world, rank=rank, sp_size=sp_size, sp_group=sp_group if sp_size > 1 else None,
@@ -104,6 +113,25 @@ def init_grid(sp_size: int = 1, backend: str = "auto", timeout_s: float = 300.0)
 def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+    _timeouts_s.clear()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_process_group() -> None:
+    """DeepSpeed needs a process group even for one process: make a one-rank gloo group."""
+    if dist.is_initialized():
+        return
+    port = free_port()
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(port)}.items():
+        os.environ.setdefault(k, v)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 def even_splits(n: int, parts: int) -> list[int]:
@@ -205,3 +233,58 @@ def all_reduce_grads(parameters, group) -> None:
     for p in parameters:
         if p.grad is not None:
             _collective("all_reduce", group, dist.all_reduce, p.grad, group=group)
+
+
+# -- plain collectives of the stages ------------------------------------------------------------
+def barrier(grid: Grid) -> None:
+    if grid.distributed:
+        _collective("barrier", None, dist.barrier)
+
+
+def all_reduce_sum(values: list[float], grid: Grid, group=None, op: str = "sum") -> list[float]:
+    """`values` summed (or maxed: `op="max"`) element-wise over `group` (default: the world),
+    in float64."""
+    if not grid.distributed or not values:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+    _collective("all_reduce", group, dist.all_reduce, t, op=reduce_op, group=group)
+    return t.tolist()
+
+
+def dp_mean(values: dict[str, float], grid: Grid) -> dict[str, float]:
+    """Average scalar metrics over the data-parallel ranks (identical within an SP group)."""
+    if not grid.distributed or not values:
+        return values
+    keys = sorted(values)
+    sums = all_reduce_sum([values[k] for k in keys], grid)
+    return {k: v / grid.world_size for k, v in zip(keys, sums)}
+
+
+def broadcast_object(obj, grid: Grid):
+    """Rank 0's picklable `obj` on every rank."""
+    if not grid.distributed:
+        return obj
+    box = [obj]
+    _collective("broadcast_object_list", None, dist.broadcast_object_list, box, src=0)
+    return box[0]
+
+
+def gather_objects(obj, grid: Grid) -> list:
+    """Every rank's picklable `obj` on rank 0 (rank order); `[]` elsewhere."""
+    if not grid.distributed:
+        return [obj]
+    out = [None] * grid.world_size if grid.is_main else None
+    _collective("gather_object", None, dist.gather_object, obj, out, dst=0)
+    return out or []
+
+
+def average_gradients(params, grid: Grid) -> None:
+    """Average gradients over the whole world (a parameter without one counts as zero)."""
+    if not grid.distributed:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        _collective("all_reduce", None, dist.all_reduce, p.grad)
+        p.grad /= grid.world_size

@@ -85,7 +85,7 @@ class Sample:
     prompt: RolloutPrompt  # ids + positions; its `videos` are filled by `Runtime.embed`
 
 
-def question_messages(record: dict, system: str | None = None, think: bool = True) -> list[dict]:
+def question_messages(record: dict, system: str | None, think: bool) -> list[dict]:
     """Return the chat of one multiple-choice record: the video, the question and its options."""
     question, options = split_problem(record["problem"]) if "problem" in record else (record["question"], {})
     if record.get("options") and not options:
@@ -98,7 +98,7 @@ def question_messages(record: dict, system: str | None = None, think: bool = Tru
 
 
 def prepare_video(adapter: VLAdapter, path: str | Path, max_frames: int, max_pixels: int,
-                  fps: float | None = None) -> VideoInput:
+                  fps: float | None) -> VideoInput:
     """Decode, sample, resize and patchify one video (raises `VideoDecodeError`)."""
     spec = adapter.patch_spec
     tp = spec.temporal_patch_size
@@ -114,36 +114,30 @@ def prepare_video(adapter: VLAdapter, path: str | Path, max_frames: int, max_pix
 
 
 class Runtime:
-    """Model inputs, embeddings, rollouts and log-probs for one model on one process grid."""
+    """Model inputs, embeddings, rollouts and log-probs for one model on one process grid.
 
-    def __init__(self, adapter: VLAdapter, grid: Grid | None = None, mode: Mode = Mode(),
-                 chunk_tokens: int = 1024, max_frames: int = 32, max_pixels: int = 112 * 112,
-                 fps: float | None = None, system: str | None = None, think: bool = True):
+    `chunk_tokens`: log-probs are computed this many tokens at a time; `video`: how videos
+    are sampled (`max_frames`, `max_pixels`, `fps`: the recipe's `[video]`), None when the
+    stage brings its samples prepared (`sample_of`); `prompt`: the system prompt and the
+    think instruction (the recipe's `[prompt]`)."""
+
+    def __init__(self, adapter: VLAdapter, grid: Grid, mode: Mode, *, chunk_tokens: int, video, prompt):
         self.adapter = adapter
-        self.grid = grid or Grid()
+        self.grid = grid
         self.mode = mode
         self.chunk_tokens = chunk_tokens
-        self.max_frames, self.max_pixels, self.fps = max_frames, max_pixels, fps
-        self.system, self.think = system, think
+        self.video = video
+        self.system, self.think = prompt.system, prompt.think
         self.cache = EmbeddingCache(enabled=mode.reuse_embeddings)
         self.engine = HFEngine(adapter)
         self.pad_id = adapter.tokenizer.pad_token_id if adapter.tokenizer.pad_token_id is not None else 0
         self.eos_id = adapter.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.train_forward_tokens = self.train_forward_tokens_unshared = 0
         self.alone_encodes = 0  # of `vision_encodes`: on this rank alone, not with the SP group
-        # A trainable vision tower: another model (the frozen reference) no longer shares the
-        # policy's video embedding and encodes with its own tower (`embed`).
+        # A trainable vision tower (set by the stage that trains it): another model (the frozen
+        # reference) no longer shares the policy's video embedding and encodes with its own
+        # tower (`embed`), and cached embeddings go stale at each optimizer step.
         self.vision_trains = False
-
-    @classmethod
-    def from_recipe(cls, adapter: VLAdapter, grid: Grid, recipe, mode: Mode | None = None) -> "Runtime":
-        mrsp, video, prompt = recipe.mrsp, recipe.video, getattr(recipe, "prompt", None)
-        mode = mode or (Mode(shared_prompt=mrsp.shared_prompt) if mrsp.enabled else Mode.named("vanilla"))
-        rt = cls(adapter, grid, mode, chunk_tokens=mrsp.logprob_chunk_tokens, max_frames=video.max_frames,
-                 max_pixels=video.max_pixels, fps=video.fps, system=prompt.system if prompt else None,
-                 think=prompt.think if prompt else True)
-        rt.vision_trains = not getattr(recipe.model, "freeze_vision", True)  # only sft and rl recipes train
-        return rt
 
     def optimizer_stepped(self) -> None:
         """After an optimizer step: a trained vision tower changed, so cached embeddings are stale."""
@@ -159,10 +153,13 @@ class Runtime:
     def sample(self, record: dict, video_dir: str | Path | None = None, key: str | None = None,
                max_frames: int | None = None) -> Sample:
         """Return the model inputs of `record` (its first video); raise `VideoDecodeError`."""
+        if self.video is None:
+            raise ValueError("this runtime has no [video] settings: samples come prepared (sample_of)")
         path = Path(record["videos"][0] if "videos" in record else record["video"])
         if video_dir is not None and not path.is_absolute():
             path = Path(video_dir) / path
-        video = prepare_video(self.adapter, path, max_frames or self.max_frames, self.max_pixels, self.fps)
+        video = prepare_video(self.adapter, path, max_frames or self.video.max_frames, self.video.max_pixels,
+                              self.video.fps)
         return self.sample_of(record, video, key or str(record.get("problem_id", record.get("question_id", path))))
 
     def sample_of(self, record: dict, video: VideoInput, key: str) -> Sample:

@@ -139,10 +139,11 @@ def runtime_vs_pixel(family: str, device, dtype) -> dict:
     one process): log-probs of two responses, asked twice in one step, against the pixel path;
     with the encode/cache counters (one encode, one hit)."""
     from stages.mrsp.dist import Grid
-    from stages.mrsp.runtime import Mode, Runtime, VideoInput
+    from stages.mrsp.runtime import Mode, VideoInput
+    from tests.helpers import make_runtime
 
     a = tiny_adapter(family, device, dtype)
-    rt = Runtime(a, Grid(device=torch.device(device)), Mode.named("mrsp"), chunk_tokens=8)
+    rt = make_runtime(a, Grid(device=torch.device(device)), Mode.named("mrsp"), chunk_tokens=8)
     frames = 8
     pixels, grid = random_video(a, frames, seed=0)
     sec = a.second_per_grid(FPS)

@@ -2,17 +2,13 @@
 
 import os
 import queue as queue_mod
-import socket
 import time
 import traceback
 
 import torch.multiprocessing as mp
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from stages.mrsp.dist import free_port  # noqa: F401 (the tests' one free-port helper)
 
 
 def _entry(rank, world, port, fn, args, queue):

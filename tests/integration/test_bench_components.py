@@ -1,19 +1,20 @@
-"""`python -m stages.bench_components` at tiny size: real torchrun launches of SP 1 and 2."""
+"""`lvr bench-components` at tiny size: real torchrun launches of SP 1 and 2."""
 
 import json
 from pathlib import Path
 
-from stages.bench_components import PHASES, main
+from stages.bench_components import PHASES
 
 
-def test_bench_components_writes_per_rank_figures_and_checks_sp_against_sp1(tmp_path):
+def test_bench_components_writes_per_rank_figures_and_checks_sp_against_sp1(tmp_path, lvr):
+    # sp_sizes = [2] only: SP 1, the reference of the log-prob check, is run anyway
+    res = lvr("bench-components", "recipes/demo/bench_components.toml", "model.path=tiny:qwen2.5-vl",
+              "components.frames=8", "components.sp_sizes=[2]", "components.repeats=1",
+              f"components.out_dir={tmp_path}", f"output.dir={tmp_path / 'run'}")
+    assert res.returncode == 0, res.stderr[-3000:]
     out = tmp_path / "components"
-    # --sp 2 only: SP 1, the reference of the log-prob check, is run anyway
-    rc = main(["--model", "tiny:qwen2.5-vl", "--frames", "8", "--sp", "2", "--repeats", "1", "--checkpointing",
-               "--out", str(out)])
-    assert rc == 0
     data = json.loads(Path(f"{out}.json").read_text())
-    assert data["env"]["versions"]["torch"] and data["args"]["frames"] == 8
+    assert data["env"]["versions"]["torch"] and data["args"]["components"]["frames"] == 8
     by_sp = {r["sp"]: r for r in data["results"]}
     assert sorted(by_sp) == [1, 2]
     for sp, r in by_sp.items():
@@ -40,3 +41,11 @@ def test_bench_components_writes_per_rank_figures_and_checks_sp_against_sp1(tmp_
 
     md = Path(f"{out}.md").read_text()
     assert "| 2 | forward+backward |" in md and "tokens per rank" in md
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["failed"] == 0 and summary["sp_sizes"] == [1, 2]
+
+
+def test_bench_components_refuses_odd_frames(lvr):
+    res = lvr("validate", "recipes/demo/bench_components.toml", "components.frames=7")
+    assert res.returncode == 2
+    assert "components.frames: give an even number >= 2" in res.stderr

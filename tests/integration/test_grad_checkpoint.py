@@ -12,11 +12,12 @@ from tests.integration.test_shared_prompt import _groups, _grpo_loss, _unshared
 def _worker(rank, world):
     from torch.utils.checkpoint import CheckpointError
 
-    from lvr_cli.recipes import DeepspeedSection, OptimSection
+    from lvr_cli.sections import DeepspeedSection, OptimSection
+    from lvr_cli.schema import LoraSection
     from stages.models.adapter import load_adapter
     from stages.mrsp.dist import all_reduce_grads, init_grid
     from stages.mrsp.shared import shared_logprobs
-    from stages.mrsp.trainer import TrainEngine, disable_checkpointing, enable_checkpointing
+    from stages.mrsp.engine import TrainEngine, disable_checkpointing, enable_checkpointing
     from stages.mrsp.ulysses import checkpoint_contexts
 
     grids = {sp: init_grid(sp, backend="gloo", timeout_s=120) for sp in (1, 2)}
@@ -46,7 +47,8 @@ def _worker(rank, world):
             disable_checkpointing(model)
             plain = run(forward, grid)
             # as the trainer switches it on (train.gradient_checkpointing = true)
-            TrainEngine(model, grid, OptimSection(), DeepspeedSection(enabled=False), total_steps=1, accum_steps=1,
+            TrainEngine(model, grid, OptimSection(), DeepspeedSection(enabled=False), LoraSection(), total_steps=1,
+                        accum_steps=1, sp_size=grid.sp_size, freeze_vision=True, freeze_llm_layers=0,
                         gradient_checkpointing=True)
             assert model.model.language_model.gradient_checkpointing
             report[(name, sp)] = compare(run(forward, grid), plain)

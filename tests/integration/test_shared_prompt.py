@@ -82,7 +82,8 @@ def _worker(rank, world, families):
     from stages.models.adapter import load_adapter
     from stages.mrsp.dist import all_reduce_grads, init_grid
     from stages.mrsp.logprobs import token_logprobs
-    from stages.mrsp.runtime import Mode, Runtime, VideoInput
+    from stages.mrsp.runtime import Mode, VideoInput
+    from tests.helpers import make_runtime
     from stages.mrsp.shared import pack, shared_logprobs
 
     report = {}
@@ -132,13 +133,13 @@ def _worker(rank, world, families):
         for gi, (frames, question, lengths) in enumerate(GROUPS):
             px, grid_thw = _video(adapter, frames, seed=gi)
             video = VideoInput(f"v{gi}", px, grid_thw, [i * 0.5 for i in range(frames)], adapter.second_per_grid(2.0))
-            samples.append(Runtime(adapter).sample_of({"problem_id": f"q{gi}", "problem": f"{question}\nA. x\nB. y"},
+            samples.append(make_runtime(adapter).sample_of({"problem_id": f"q{gi}", "problem": f"{question}\nA. x\nB. y"},
                                                       video, f"q{gi}"))
             g = torch.Generator().manual_seed(200 + gi)
             responses.append([torch.randint(10, 300, (T,), generator=g).tolist() for T in lengths])
         res = {}
         for name in ("mrsp", "mrsp-shared"):
-            rt = Runtime(adapter, grids[2], Mode.named(name), chunk_tokens=4)
+            rt = make_runtime(adapter, grids[2], Mode.named(name), chunk_tokens=4)
             with torch.no_grad():
                 lps, _ = rt.group_logprobs(samples, responses)
             res[name] = (lps, rt.counters())

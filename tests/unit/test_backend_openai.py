@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from stages.backends.base import BackendError, GenRequest, make_backend
+from stages.backends.base import BackendError, GenRequest
+from stages.backends.factory import make_backend
 from stages.backends.openai_http import OpenAIBackend, encode_jpeg_b64
 
 

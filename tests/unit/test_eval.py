@@ -142,9 +142,10 @@ def test_recipe_refuses_an_empty_frame_sweep(tmp_path):
 @pytest.fixture(scope="module")
 def evalset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("evalset")
-    cfg = SimpleNamespace(videos=2, seconds=12.0, fps=2.0, width=56, height=56, object_size_px=28,
-                          event_seconds=4.0, distractors=0, option_order="fixed", questions_per_category=1,
-                          eval_fraction=0.5, clip_seconds=10.0)
+    from lvr_cli.schema import SynthSpec
+
+    cfg = SynthSpec(videos=2, seconds=12.0, fps=2.0, width=56, height=56, object_size_px=28, event_seconds=4.0,
+                    eval_fraction=0.5)
     synth.generate(cfg, out, seed=3)
     records = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()][:4]
     (out / "videos" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video" * 10)

@@ -3,7 +3,6 @@
 import json
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -70,9 +69,10 @@ def test_histogram_has_every_possible_pass_rate():
 def data(tmp_path_factory) -> Path:
     """4 good questions on 2 videos (interleaved), a malformed line, a missing and a corrupt video."""
     out = tmp_path_factory.mktemp("filter_data")
-    cfg = SimpleNamespace(videos=3, seconds=12.0, fps=2.0, width=56, height=56, object_size_px=28,
-                          event_seconds=4.0, distractors=0, option_order="fixed", questions_per_category=1,
-                          eval_fraction=0.34, clip_seconds=10.0)
+    from lvr_cli.schema import SynthSpec
+
+    cfg = SynthSpec(videos=3, seconds=12.0, fps=2.0, width=56, height=56, object_size_px=28, event_seconds=4.0,
+                    eval_fraction=0.34)
     synth.generate(cfg, out, seed=3)
     recs = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
     by_video: dict[str, list] = {}

@@ -17,6 +17,7 @@ MINIMAL = {
     "rl": '[data]\ninput = "rl.jsonl"\n',
     "eval": '[data]\ninput = "eval.jsonl"\n',
     "bench-mrsp": "",
+    "bench-components": "",
 }
 
 
@@ -112,7 +113,7 @@ def test_lock_detects_recipe_and_default_changes(tmp_path, monkeypatch):
     from lvr_cli import recipes as rmod
     monkeypatch.setattr(rmod, "SCHEMA_VERSION", rmod.SCHEMA_VERSION + 1)
     monkeypatch.setattr(lockmod, "SCHEMA_VERSION", rmod.SCHEMA_VERSION)
-    assert lockmod.check(tmp_path)[0].startswith("schema_version 1 != 2")
+    assert lockmod.check(tmp_path)[0].startswith("schema_version 2 != 3")
 
 
 def test_project_recipes_are_locked():

@@ -7,6 +7,7 @@ from stages.models.adapter import VLAdapter, load_adapter, load_model
 from stages.models.patchify import patchify
 from stages.models.tiny import resolve_tiny
 from stages.mrsp.runtime import Runtime, VideoInput
+from tests.helpers import make_runtime
 
 
 def _sample(rt: Runtime):
@@ -25,10 +26,10 @@ def test_reference_encodes_with_its_own_tower_when_the_policy_vision_trains():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
     responses = [[[40, 41, 42, 300], [300, 301]]]
 
-    alone = Runtime(ref)  # the reference on its own: its tower, its embedding
+    alone = make_runtime(ref)  # the reference on its own: its tower, its embedding
     want, _ = alone.group_logprobs([_sample(alone)], responses)
 
-    rt = Runtime(policy)
+    rt = make_runtime(policy)
     rt.vision_trains = True
     sample = _sample(rt)
     with torch.no_grad():

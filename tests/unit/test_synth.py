@@ -3,7 +3,7 @@
 import json
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
+from lvr_cli.schema import SynthSpec
 
 import numpy as np
 import pytest
@@ -12,12 +12,10 @@ from stages.data import synth
 from stages.data.synth_render import PALETTE, QUADRANTS
 
 
-def make_cfg(**overrides) -> SimpleNamespace:
-    base = dict(
-        videos=4, seconds=24.0, fps=2.0, width=56, height=56, object_size_px=28, event_seconds=8.0,
-        distractors=0, option_order="fixed", questions_per_category=1, eval_fraction=0.25, clip_seconds=10.0,
-    )
-    return SimpleNamespace(**{**base, **overrides})
+def make_cfg(**overrides) -> SynthSpec:
+    base = dict(videos=4, seconds=24.0, fps=2.0, width=56, height=56, object_size_px=28, event_seconds=8.0,
+                eval_fraction=0.25)
+    return SynthSpec(**{**base, **overrides})
 
 
 def read_jsonl(path: Path) -> list[dict]:

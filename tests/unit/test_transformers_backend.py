@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from lvr_cli.recipes import BackendSection
-from stages.backends.base import GenRequest, make_backend
+from stages.backends.base import GenRequest
+from stages.backends.factory import make_backend
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,92 @@
+"""The setup every model stage shares: process grid, policy, reference, runtime, optimizer.
+
+`sft`, `rl`, `filter`, `eval` and `bench-mrsp` build their pieces here, from their recipe,
+and nowhere else: `setup(recipe)` for the whole set, or the pieces (`open_grid`,
+`load_policy`, `load_reference`, `make_runtime`, `make_engine`) where a stage needs them at
+different times (eval loads no model when everything is already predicted). Everything
+below `stages/mrsp/` receives typed sections or plain values from here, never the recipe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from stages.models.adapter import VLAdapter, load_adapter, load_model, model_dtype, resolve_model_path
+from stages.mrsp.dist import Grid, init_grid
+from stages.mrsp.engine import TrainEngine
+from stages.mrsp.runtime import Mode, Runtime
+
+
+@dataclass
+class Setup:
+    """What a model stage runs with."""
+
+    grid: Grid
+    adapter: VLAdapter
+    rt: Runtime
+    ref: VLAdapter | None = None  # the frozen reference (rl with a KL term)
+    engine: TrainEngine | None = None  # sft and rl
+
+
+def open_grid(recipe) -> Grid:
+    """Join the launch's process group (`[launch]`, `mrsp.sp_size`) and seed torch."""
+    grid = init_grid(recipe.mrsp.sp_size, recipe.launch.backend, recipe.launch.timeout_s)
+    torch.manual_seed(recipe.seed)
+    return grid
+
+
+def load_policy(recipe, grid: Grid) -> VLAdapter:
+    """The model `model.path` names, in `model.dtype`, on this rank's device."""
+    m = recipe.model
+    return load_adapter(m.path, model_dtype(m.dtype, grid.device), grid.device, m.attn_implementation)
+
+
+def load_reference(recipe, grid: Grid, policy: VLAdapter) -> VLAdapter:
+    """A frozen copy of `model.path` that shares the policy's tokenizer and patch spec."""
+    m = recipe.model
+    model = load_model(m.path, model_dtype(m.dtype, grid.device), grid.device, m.attn_implementation).eval()
+    model.requires_grad_(False)
+    return VLAdapter(model, policy.tokenizer, policy.patch_spec)
+
+
+def make_runtime(recipe, adapter: VLAdapter, grid: Grid, mode: Mode | None = None) -> Runtime:
+    """The MR-SP runtime of `adapter` on `grid`: `mode` or the recipe's (`mrsp.enabled`,
+    `mrsp.shared_prompt`); videos sampled as `[video]` says (none: samples come prepared)."""
+    mrsp = recipe.mrsp
+    if mode is None:
+        mode = Mode(shared_prompt=mrsp.shared_prompt) if mrsp.enabled else Mode.named("vanilla")
+    rt = Runtime(adapter, grid, mode, chunk_tokens=mrsp.logprob_chunk_tokens,
+                 video=getattr(recipe, "video", None), prompt=recipe.prompt)
+    trained = getattr(recipe.model, "freeze_vision", None)  # only sft and rl recipes train a model
+    rt.vision_trains = trained is not None and not trained
+    return rt
+
+
+def processor_source(recipe) -> Path:
+    """The model folder whose processor configs checkpoints carry along (a hub id's cache)."""
+    return Path(resolve_model_path(recipe.model.path))
+
+
+def make_engine(recipe, adapter: VLAdapter, rt: Runtime, total_steps: int, accum_steps: int) -> TrainEngine:
+    """The optimizer engine of a training stage (`[optim]`, `[deepspeed]`, `[lora]`, `[train]`),
+    scaling the loss by the SP size the runtime actually shards over."""
+    m = recipe.model
+    return TrainEngine(adapter.model, rt.grid, recipe.optim, recipe.deepspeed, recipe.lora,
+                       total_steps=total_steps, accum_steps=accum_steps, sp_size=rt.sp_grid.sp_size,
+                       freeze_vision=m.freeze_vision, freeze_llm_layers=m.freeze_llm_layers,
+                       gradient_checkpointing=recipe.train.gradient_checkpointing)
+
+
+def setup(recipe, grid: Grid | None = None, *, reference: bool = False,
+          train: tuple[int, int] | None = None) -> Setup:
+    """Grid (unless given), policy, runtime; with `reference` a frozen reference model; with
+    `train = (optimizer steps, micro-batches per optimizer step)` the optimizer engine."""
+    grid = grid or open_grid(recipe)
+    adapter = load_policy(recipe, grid)
+    rt = make_runtime(recipe, adapter, grid)
+    ref = load_reference(recipe, grid, adapter) if reference else None
+    engine = make_engine(recipe, adapter, rt, *train) if train else None
+    return Setup(grid, adapter, rt, ref, engine)
