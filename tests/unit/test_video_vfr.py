@@ -1,5 +1,5 @@
-"""Frames by time on variable-frame-rate files, and the PyAV fallback (AV1, MPEG-TS, AVI)
-decoding each frame at most once."""
+"""Frames by time on variable-frame-rate files, the PyAV fallback (AV1, MPEG-TS, AVI) decoding
+each frame at most once, and caption / grounding frames taken at their clip times."""
 
 from contextlib import contextmanager
 from fractions import Fraction
@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 
 import stages.data.video as video
+from lvr_cli.recipes import CaptionRecipe, GenerateQARecipe
+from stages.backends.base import GenResult
+from stages.caption import VideoInput, caption_video
 from stages.data.video import VideoDecodeError, frame_at, load_video, pick_frames, probe, read_frames, sample_indices
 
+ROOT = Path(__file__).resolve().parents[2]
 H, W = 56, 112  # on the 28-pixel grid: frames reach a backend unresized
 # 2 s at 30 fps, then 4 s at 5 fps, in milliseconds; the last frame lasts until 6 s
 VFR_MS = [round(1000 * k / 30) for k in range(60)] + [2000 + 200 * k for k in range(20)]
@@ -182,6 +186,72 @@ def test_load_video_takes_the_frames_shown_at_the_sample_times(vfr_mp4):
     window = load_video(vfr_mp4, max_frames=64, factor=28, max_pixels=H * W, fps=2.0, start_s=1.5, end_s=3.5)
     # frames 45-68 are on screen in [1.5, 3.5) s and cover 1.5-3.6 s: 4 times, 0.525 s apart from 1.76 s
     assert [painted(f) for f in window.frames.permute(0, 2, 3, 1).numpy()] == [52, 61, 64, 66]
+
+
+def test_caption_clips_get_the_frames_of_their_times(vfr_mp4, tmp_path):
+    class ReadsFrames:
+        """Captions each clip with the indices its frames show."""
+
+        def generate(self, requests):
+            out = []
+            for r in requests:
+                shown = r.messages[0]["content"][0]
+                text = " ".join(str(painted(f)) for f in shown["frames"]) + f" @ {shown['fps']:.2f} fps"
+                out.append(GenResult(r.key, text))
+            return out
+
+    recipe = CaptionRecipe.model_validate({
+        "data": {"input": str(vfr_mp4)}, "output": {"dir": str(tmp_path)},
+        "caption": {"clip_seconds": 2.0, "frames_per_clip": 4, "min_last_clip_s": 0.5},
+        "video": {"max_pixels": H * W}})
+    record, reason = caption_video(VideoInput("vfr.mp4", vfr_mp4, "vfr"), recipe, ReadsFrames(), "{start}-{end}")
+    assert reason is None
+    assert (record["duration_s"], record["fps"]) == (6.0, 13.333)
+    assert [(c["start_s"], c["end_s"], c["caption"]) for c in record["clips"]] == [
+        (0.0, 2.0, "7 22 37 52 @ 2.00 fps"),  # frames at 0.25, 0.75, 1.25, 1.75 s (30 fps part)
+        (2.0, 4.0, "61 63 66 68 @ 2.00 fps"),  # 2.25 ... 3.75 s (5 fps part)
+        (4.0, 6.0, "71 73 76 78 @ 2.00 fps"),
+    ]
+    # measured with the old code: index arithmetic at decord's average 14.12 fps cut the file at
+    # 5.67 s and gave the 2-4 s clip frames 31, 38, 46, 53, shown at 1.03 ... 1.77 s: none from its
+    # own two seconds (and the 0-2 s clip frames from 0.1 ... 0.83 s only)
+    import decord
+
+    old = sample_indices(80, decord.VideoReader(str(vfr_mp4)).get_avg_fps(), 4, start_s=2.0, end_s=4.0)
+    assert old == [31, 38, 46, 53] and max(VFR_S[old]) < 2.0
+
+
+def test_grounding_frames_are_the_clip_middles(vfr_mp4, tmp_path):
+    import json
+
+    import stages.generate_qa as gq
+
+    class Boxes:
+        """Labels each frame with the index it shows."""
+
+        def generate(self, requests):
+            frames = [r.messages[0]["content"][0]["frames"][0] for r in requests]
+            return [GenResult(r.key, json.dumps([{"label": f"frame {painted(f)}", "box": [0, 0, 28, 28]}]))
+                    for r, f in zip(requests, frames)]
+
+    backend = {"kind": "openai", "model": "m", "base_url": "http://127.0.0.1:9"}
+    recipe = GenerateQARecipe.model_validate({
+        "data": {"input": str(tmp_path / "captions.jsonl"), "video_dir": str(vfr_mp4.parent)},
+        "qa": {"prompts_dir": str(ROOT / "recipes" / "prompts"), "grounding": True, "grounding_max_clips": 3,
+               "grounding_max_pixels": H * W},
+        "backend": backend, "grounding_backend": backend, "output": {"dir": str(tmp_path)}})
+    errors = []
+    stage = gq.Stage(recipe, type("Run", (), {"error": lambda self, key, reason: errors.append(reason)})())
+    stage.grounder = Boxes()
+    clips = [{"start_s": 0.0, "end_s": 2.5}, {"start_s": 2.5, "end_s": 4.3}, {"start_s": 4.3, "end_s": 6.0}]
+    job = gq.VideoJob("vfr", vfr_mp4.name, 6.0, clips, ["spatial"])
+    stage.ground([job])
+    assert errors == []
+    # middles 1.25, 3.4, 5.15 s: frames 37 (from 1.233 s), 67 (3.4 s), 75 (5.0 s); index arithmetic
+    # at 14.12 fps took frames 17, 47, 72 (0.57, 1.57, 4.4 s)
+    assert job.objects.splitlines() == ["[00:01.2] frame 37: [0.00, 0.00, 0.25, 0.50]",
+                                        "[00:03.4] frame 67: [0.00, 0.00, 0.25, 0.50]",
+                                        "[00:05] frame 75: [0.00, 0.00, 0.25, 0.50]"]
 
 
 # -- the PyAV fallback -----------------------------------------------------------------------------
