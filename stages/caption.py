@@ -31,8 +31,7 @@ from stages.backends.base import GenRequest, one_line
 from stages.backends.factory import make_backend
 from stages.backends.jsonparse import strip_think
 from stages.data.records import done_keys, iter_jsonl
-from stages.data.video import (VideoDecodeError, cut_clips, fit_size, probe, read_frames, resize_frames,
-                               sample_indices)
+from stages.data.video import VideoDecodeError, cut_clips, fit_size, probe, read_frames, resize_frames
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".ts"}
 # Frames are sized on the Qwen2/2.5-VL grid; a backend with another grid re-fits them.
@@ -105,22 +104,22 @@ def caption_prompt(spec) -> str:
 
 
 def clip_requests(video: VideoInput, info, clips, recipe, prompt: str) -> list[GenRequest]:
-    """One caption request per clip, with the clip's sampled frames (read in one pass)."""
+    """One caption request per clip, with the frames on screen at evenly spaced times of the clip
+    (all clips' frames read in one pass)."""
     spec, vid = recipe.caption, recipe.video
-    per_clip = [sample_indices(info.num_frames, info.fps, spec.frames_per_clip, vid.fps, c.start_s, c.end_s)
-                for c in clips]
+    per_clip = [info.sample(spec.frames_per_clip, vid.fps, c.start_s, c.end_s) for c in clips]
     for clip, idx in zip(clips, per_clip):
         if not idx:
             raise VideoDecodeError(video.path, f"no frames in clip {clip.index} [{clip.start_s}, {clip.end_s}) s")
     wanted = sorted({i for idx in per_clip for i in idx})
-    raw = read_frames(video.path, wanted)
+    raw = read_frames(video.path, wanted, info)
     h, w = fit_size(raw.shape[1], raw.shape[2], PATCH_FACTOR, vid.max_pixels)
     frames = resize_frames(raw, h, w).permute(0, 2, 3, 1).numpy()
     row = {frame: k for k, frame in enumerate(wanted)}
     requests = []
     for clip, idx in zip(clips, per_clip):
-        # frames spread evenly over the clip: its sampling rate is frames per clip second
-        fps = min(info.fps, len(idx) / (clip.end_s - clip.start_s)) if clip.end_s > clip.start_s else info.fps
+        # frames taken at evenly spaced times of the clip: its sampling rate is frames per clip second
+        fps = len(idx) / (clip.end_s - clip.start_s) if clip.end_s > clip.start_s else info.fps
         text = prompt.replace("{start}", fmt_ts(clip.start_s)).replace("{end}", fmt_ts(clip.end_s))
         content = [{"type": "video", "frames": [np.ascontiguousarray(frames[row[i]]) for i in idx], "fps": fps},
                    {"type": "text", "text": text}]

@@ -273,10 +273,10 @@ class Stage:
             picks = sorted({round(i * (n - 1) / (m - 1)) for i in range(m)}) if m > 1 else [n // 2]
             try:
                 info = probe(path)
-                middles = [(job.clips[i]["start_s"] + job.clips[i]["end_s"]) / 2 for i in picks]
-                idx = [min(info.num_frames - 1, int(t * info.fps)) for t in middles]
-                times = [i / info.fps for i in idx]
-                raw = read_frames(path, idx)
+                # the frame on screen at each clip's middle, and its own time (right on variable-rate files)
+                idx = [info.frame_at((job.clips[i]["start_s"] + job.clips[i]["end_s"]) / 2) for i in picks]
+                times = [float(info.frame_times_s[i]) for i in idx]
+                raw = read_frames(path, idx, info)
             except VideoDecodeError as exc:
                 self.stats["grounding_failed"] += 1
                 self.run.error(f"{job.video_id}/spatial/grounding", str(exc))
