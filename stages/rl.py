@@ -129,7 +129,7 @@ class GRPOTrainer:
 
         # 2. G rollouts per question
         with Timer(b.timers, "rollout"):
-            groups = rt.generate(b.samples, G, self.sampling(step))
+            groups = rt.generate(b.samples, G, self.sampling(step), first_index=self.grid.dp_rank * self.per_rank)
         b.responses = [[r.token_ids for r in g] for g in groups]
         b.texts = [[r.text for r in g] for g in groups]
 
@@ -179,9 +179,10 @@ class GRPOTrainer:
         return samples
 
     def sampling(self, step: int) -> Sampling:
+        """The step's sampling; a question's seed is its place in the global batch (`generate`'s
+        `first_index`), so rollouts do not depend on how the batch is spread over ranks."""
         ro = self.recipe.rollout
-        return Sampling(ro.temperature, ro.top_p, ro.max_new_tokens,
-                        seed=(self.recipe.seed * 1_000_003 + step) * 1_009 + self.grid.dp_rank)
+        return Sampling(ro.temperature, ro.top_p, ro.max_new_tokens, seed=(self.recipe.seed * 1_000_003 + step) * 1_009)
 
     def reward(self, s: Sample, text: str) -> dict:
         w = self.recipe.reward

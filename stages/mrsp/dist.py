@@ -30,8 +30,9 @@ class CollectiveError(RuntimeError):
     """A collective failed: another rank died or did not answer within the timeout."""
 
 
-def _collective(op: str, pg, call, *args, **kwargs):
-    """Run `call(*args, **kwargs)`; turn the backend's error into a one-line `CollectiveError`."""
+def _collective(what: str, pg, call, *args, **kwargs):
+    """Run `call(*args, **kwargs)`; turn the backend's error into a one-line `CollectiveError`
+    naming the collective (`what`)."""
     try:
         return call(*args, **kwargs)
     except RuntimeError as e:  # gloo/NCCL report a dead peer or a timeout as RuntimeError subclasses
@@ -39,7 +40,7 @@ def _collective(op: str, pg, call, *args, **kwargs):
         timeout = _timeouts_s.get(pg, _timeouts_s.get(None))
         within = f"within {timeout:g} s" if timeout is not None else "in time"
         raise CollectiveError(
-            f"rank {dist.get_rank()}: {op} over {dist.get_world_size(pg)} ranks failed: another rank died "
+            f"rank {dist.get_rank()}: {what} over {dist.get_world_size(pg)} ranks failed: another rank died "
             f"or did not answer {within} ({reason})") from e
 
 

@@ -201,7 +201,8 @@ class Runtime:
         self.cache.new_step()
 
     # -- rollouts -------------------------------------------------------------------------------
-    def generate(self, samples: list[Sample], n: int, sampling: Sampling) -> list[list[Rollout]]:
+    def generate(self, samples: list[Sample], n: int, sampling: Sampling, first_index: int = 0
+                 ) -> list[list[Rollout]]:
         """`n` rollouts of every sample (outer: samples). MR-SP/peer: one encode and one prefill
         per prompt; vanilla: every rollout encodes the video and prefills on its own.
 
@@ -209,17 +210,19 @@ class Runtime:
         i mod sp) and all-gathers the rollouts, so the group prefills and decodes each prompt
         once rather than once per rank. Every sample is embedded first, by all ranks
         together (the sharded encode is a collective); a sample's seed depends on its index
-        only, so the rollouts are those of one process."""
+        only (`first_index` + its place in `samples`: a data-parallel rank passes where its
+        share starts), so the rollouts are those of one process."""
         group = self.sp_grid.sp_group
         if group is None or not self.mode.group_rollouts or len(samples) < 2:
-            return self._generate(samples, n, sampling, range(len(samples)))
+            return self._generate(samples, n, sampling, range(first_index, first_index + len(samples)))
         if self.mode.reuse_embeddings:
             with torch.no_grad():
                 for s in samples:
                     self.embed(s)
         sp = self.sp_grid.sp_size
         mine = range(self.sp_grid.sp_rank, len(samples), sp)
-        parts = all_gather_objects(self._generate([samples[i] for i in mine], n, sampling, mine, alone=True), group)
+        parts = all_gather_objects(self._generate([samples[i] for i in mine], n, sampling,
+                                                  [first_index + i for i in mine], alone=True), group)
         return [parts[i % sp][i // sp] for i in range(len(samples))]  # rank r holds samples r, r + sp, ...
 
     def _generate(self, samples: list[Sample], n: int, sampling: Sampling, indices,

@@ -87,15 +87,37 @@ def rl_runs(tiny_data, tmp_path_factory):
     return base, recipe
 
 
+def _same_training(one: list[dict], two: list[dict], keys=("loss", "reward/total", "kl", "entropy", "grad_norm")):
+    assert [m["step"] for m in one] == [m["step"] for m in two]
+    for a, b in zip(one, two):
+        for k in keys:
+            assert abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])), (a["step"], k, a[k], b[k])
+
+
+def test_rl_data_parallel_and_vanilla_sp_match_one_process(rl_runs):
+    """DP 2 (a question per rank) trains as one process with 2 micro-batches: the mini-batch's
+    token count is summed over the ranks and the gradient scaled back by the DP size.
+    Vanilla mode with mrsp.sp_size = 2 runs no SP (both ranks do the whole sequence): its loss
+    must not be scaled by 2, so it trains as vanilla on one process."""
+    base, recipe = rl_runs
+    lvr_ok("rl", recipe, f"output.dir={json.dumps(str(base / 'dp2'))}", "launch.nproc_per_node=2")
+    _same_training(metrics(base / "sp1"), metrics(base / "dp2"))
+    lvr_ok("rl", recipe, f"output.dir={json.dumps(str(base / 'van1'))}", "mrsp.enabled=false")
+    lvr_ok("rl", recipe, f"output.dir={json.dumps(str(base / 'van2'))}", "mrsp.enabled=false",
+           "launch.nproc_per_node=2", "mrsp.sp_size=2")
+    vanilla, vanilla_sp2 = metrics(base / "van1"), metrics(base / "van2")
+    assert vanilla[3]["grad_norm"] > 0
+    _same_training(vanilla, vanilla_sp2)
+
+
 def test_rl_sp2_matches_sp1(rl_runs):
     base, _ = rl_runs
     one, two = metrics(base / "sp1"), metrics(base / "sp2")
     assert [m["step"] for m in one] == [1, 2, 3, 4] == [m["step"] for m in two]
     # Same seed, same rollouts; the SP forward equals the unsharded one, so the loss agrees.
     assert one[1]["kl"] != 0 and one[3]["grad_norm"] > 0  # the weights moved after step 1
+    _same_training(one, two)
     for a, b in zip(one, two):
-        for k in ("loss", "reward/total", "kl", "entropy", "grad_norm"):
-            assert abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])), (a["step"], k, a[k], b[k])
         assert a["response_length"] == b["response_length"]
     # Frozen vision tower: one encode per distinct video of the step, reused by 4 rollouts + 3 forwards.
     assert 1 <= one[0]["vision_encodes"] <= 2 and one[0]["embedding_cache_hits"] >= 4 * one[0]["vision_encodes"]
