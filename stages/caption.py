@@ -155,34 +155,38 @@ def caption_video(video: VideoInput, recipe, backend, prompt: str) -> tuple[dict
 
 
 def run(recipe, run) -> dict:
-    """Caption every video of `recipe.data.input` not yet in `captions.jsonl`; return the summary."""
-    failed = 0
+    """Caption every video of `recipe.data.input` not yet in `captions.jsonl`; return the summary.
 
-    def list_error(key: str, reason: str) -> None:
-        nonlocal failed
-        failed += 1
-        run.error(key, reason)
-
-    videos = list_videos(recipe.data, list_error)
+    `failed` counts the inputs failed now (the keys `errors.jsonl` lists at the end): every
+    input not in `captions.jsonl` is tried again, earlier failures included.
+    """
     done = done_keys(run.file(OUTPUT), "video")
+    run.settle_errors(done.__contains__)
+    videos = list_videos(recipe.data, run.error)
     todo = [v for v in videos if v.key not in done]
     prompt = caption_prompt(recipe.caption)
     captioned = clips = 0
-    if todo:
-        backend = make_backend(recipe.backend)
-        try:
-            with run.progress("caption", total=len(todo)) as bar:
-                for video in todo:
-                    record, reason = caption_video(video, recipe, backend, prompt)
-                    if record is None:
-                        failed += 1
-                        run.error(video.key, reason)
-                    else:
-                        run.append(OUTPUT, record)
-                        captioned += 1
-                        clips += len(record["clips"])
-                    bar.advance()
-        finally:
-            backend.close()
+    try:
+        if todo:
+            backend = make_backend(recipe.backend)
+            try:
+                with run.progress("caption", total=len(todo)) as bar:
+                    for video in todo:
+                        record, reason = caption_video(video, recipe, backend, prompt)
+                        if record is None:
+                            run.error(video.key, reason)
+                        else:
+                            run.append(OUTPUT, record)
+                            done.add(video.key)
+                            captioned += 1
+                            clips += len(record["clips"])
+                        bar.advance()
+            finally:
+                backend.close()
+    except BaseException:
+        run.settle_errors(done.__contains__)
+        raise
+    # the listing and every video not done were tried: an older failure not recorded again is gone
+    failed = run.settle_errors(done.__contains__, retried=lambda key: True)
     return {"videos": len(videos), "already_done": len(videos) - len(todo), "captioned": captioned,
-            "failed": failed, "clips": clips}
+            "done": sum(v.key in done for v in videos), "failed": len(failed), "clips": clips}
