@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import stages.generate_qa as gq
 import stages.qa_validate as qv
 from lvr_cli.rundir import RunDir
 from stages.data.gt_server import GTServer
@@ -98,7 +99,8 @@ def test_retry_failed_redoes_failed_keys_and_settles_errors_of_any_granularity(d
 
         server.log.clear()
         run = RunDir(out, r).open(retry_failed=True)
-        summary = gq_run(r, run)
+        summary = gq.run(r, run)
+        run.finish(summary)
         asked = sorted({e["key"] for e in server.log})
     assert asked == [f"ground:{V0}", f"{V0}/spatial"]  # V0 only: V1 and V2 are done
     # V0/spatial and the video-wide V0 were retried and did not fail again; V1 is done; V2's spatial
@@ -107,14 +109,6 @@ def test_retry_failed_redoes_failed_keys_and_settles_errors_of_any_granularity(d
     assert summary["failed"] == 0 and summary["done"] == 3 and summary["already_done"] == 2
     after = read_jsonl(out / "qa.jsonl")
     assert after[:len(before)] == before and {x["qa_key"] for x in after[len(before):]} == {f"{V0}/spatial"}
-
-
-def gq_run(r, run):
-    import stages.generate_qa as gq
-
-    summary = gq.run(r, run)
-    run.finish(summary)
-    return summary
 
 
 # -- real SIGKILLs ------------------------------------------------------------------------------------

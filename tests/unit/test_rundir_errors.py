@@ -40,6 +40,9 @@ def test_settle_keeps_the_latest_failure_of_each_key_not_done(tmp_path):
     # the end of a run that retried everything: "a" was retried and did not fail again
     standing = second.settle_errors(done=lambda key: False, retried=lambda key: True)
     assert _errors(second) == [("b", "bad again"), ("e", "new")] and set(standing) == {"b", "e"}
+    second.error("f", "after the rewrite, its writer open before it")
+    assert _errors(second)[-1] == ("f", "after the rewrite, its writer open before it")
+    second.settle_errors(done="f".__eq__)
     # not retried: an older failure stands
     third = RunDir(out, r).open()
     third.settle_errors(done=lambda key: False, retried=lambda key: key == "e")
