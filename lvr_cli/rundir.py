@@ -1,9 +1,15 @@
 """Run directories: recipe.json, env.json, metrics/samples/errors JSONL, progress, summary.
 
 One stage run writes one folder. A finished run (it has `summary.json`) is never silently
-overwritten: re-running refuses unless `output.overwrite=true`. An unfinished run of the
-same recipe is resumed (the stage skips what is done); one of a different recipe is refused.
-Only rank 0 prints and writes the shared files; every rank may record errors.
+overwritten: re-running refuses unless `output.overwrite=true`, or `retry_failed` reopens it
+to redo its failed inputs. An unfinished run of the same recipe is resumed (the stage skips
+what is done); one of a different recipe is refused. Only rank 0 prints and writes the
+shared files; every rank may record errors.
+
+`errors.jsonl` lists the inputs failed now, one line each. A failure is appended the moment
+it happens, so a kill loses none; a stage that resumes settles the file (`settle_errors`)
+when it starts and when it ends: one atomic rewrite keeps the latest failure of each key and
+drops the keys its outputs now hold and the keys the run retried without failing again.
 """
 
 from __future__ import annotations
@@ -14,10 +20,14 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 from lvr_cli.recipes import Recipe, RecipeError, recipe_hash, resolved
-from stages.data.records import JsonlAppender
+from stages.data.records import JsonlAppender, iter_jsonl, write_jsonl
 from stages.env import environment
+
+
+ERRORS = "errors.jsonl"
 
 
 def _rank() -> int:
@@ -34,30 +44,41 @@ class RunDir:
         self.is_main = self.rank == 0
         self.resumed = False
         self._writers: dict[str, JsonlAppender] = {}
+        self._failed: set[str] = set()  # keys this process recorded as failed
         self.started = time.time()
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def open(self) -> "RunDir":
-        """Create or resume the folder; raise `RecipeError` where it would clobber work."""
+    def open(self, retry_failed: bool = False) -> "RunDir":
+        """Create or resume the folder; raise `RecipeError` where it would clobber work.
+
+        `retry_failed` resumes a finished run as well: its outputs are kept and the stage
+        redoes what is not done, i.e. the inputs `errors.jsonl` lists.
+        """
         summary, recipe_file = self.path / "summary.json", self.path / "recipe.json"
         new = resolved(self.recipe)
+        overwrite = self.recipe.output.overwrite
+        if retry_failed and overwrite:
+            raise RecipeError("--retry-failed keeps a run's outputs; it cannot go with output.overwrite=true")
         if not self.is_main:  # rank 0 decides; the stage's first barrier orders the others after it
-            self.resumed = recipe_file.exists() and not summary.exists() and not self.recipe.output.overwrite
+            self.resumed = recipe_file.exists() and (retry_failed or not summary.exists()) and not overwrite
             return self
         if recipe_file.exists():
             old = json.loads(recipe_file.read_text())
             same = _without_overwrite(old) == _without_overwrite(new)
-            if self.recipe.output.overwrite:
-                if self.is_main:
-                    shutil.rmtree(self.path)
-            elif summary.exists():
-                raise RecipeError(f"output.dir: {self.path} holds a finished run; pass output.overwrite=true "
+            if overwrite:
+                shutil.rmtree(self.path)
+            elif summary.exists() and not (retry_failed and same):
+                kind = "a finished run" + ("" if same else " of a different recipe")
+                raise RecipeError(f"output.dir: {self.path} holds {kind}; pass output.overwrite=true"
+                                  f"{', --retry-failed to redo its failed inputs,' if same else ''} "
                                   "or choose another output.dir")
             elif not same:
                 raise RecipeError(f"output.dir: {self.path} holds an unfinished run of a different recipe; "
                                   "pass output.overwrite=true or choose another output.dir")
             else:
                 self.resumed = True
+                # unfinished from here on: a retry killed midway resumes like any other run
+                summary.unlink(missing_ok=True)
         if self.is_main:
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / "recipe.json").write_text(json.dumps(new, indent=2) + "\n")
@@ -102,12 +123,41 @@ class RunDir:
 
     def error(self, key: str, reason: str, **extra) -> None:
         """Record an input that failed; every rank may call it (one short line each)."""
-        name = "errors.jsonl" if self.is_main else f"errors.rank{self.rank}.jsonl"
+        name = ERRORS if self.is_main else f"errors.rank{self.rank}.jsonl"
+        self._failed.add(key)
         self._writer(name).write({"key": key, "reason": reason, "rank": self.rank, **extra})
         if self.is_main:
             from rich.console import Console
 
             Console(stderr=True).print(f"[yellow]skipped[/] {key}: {reason}", highlight=False, markup=True)
+
+    def settle_errors(self, done: Callable[[str], bool],
+                      retried: Callable[[str], bool] = lambda key: False) -> dict[str, dict]:
+        """The failures standing now, by key, as `errors.jsonl` is rewritten to hold them (rank 0).
+
+        Kept: the latest record of each key, unless `done(key)` (the outputs hold it) or
+        `retried(key)` (this run tried it again) without this run recording it as failed.
+        A stage calls it when it starts (`done` only: a killed run's stale lines go) and when
+        it ends, interrupted or not (`retried` too, once the run has tried everything).
+        """
+        if not self.is_main:
+            return {}
+        writer = self._writers.pop(ERRORS, None)
+        if writer is not None:  # the file is replaced: later errors go to a fresh appender
+            writer.close()
+        path = self.file(ERRORS)
+        latest: dict[str, dict] = {}
+        if path.exists():
+            # a line torn by a kill is skipped: its input is not done, so the stage tries it again
+            for _, rec in iter_jsonl(path, on_error=lambda *_: None):
+                key = str(rec.get("key"))
+                latest.pop(key, None)  # ordered by each key's latest failure
+                latest[key] = rec
+        standing = {key: rec for key, rec in latest.items()
+                    if not done(key) and (key in self._failed or not retried(key))}
+        if path.exists():
+            write_jsonl(path, list(standing.values()))
+        return standing
 
     @contextmanager
     def progress(self, description: str, total: int | None):

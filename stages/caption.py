@@ -13,7 +13,9 @@ a glob, or a JSONL list whose records name a video in `videos` (a list), `video`
 
 Exactly once: the key of a video is its path as given. A resumed run skips keys already in
 `captions.jsonl`; a video that cannot be read, or with any clip whose request failed, goes
-to `errors.jsonl` and is not written, so the next run retries it.
+to `errors.jsonl` and is not written, so the next run (a resume, or `--retry-failed` of a
+finished run) retries it. `errors.jsonl` lists the inputs failed now, each once (see
+`RunDir.settle_errors`).
 
 Departures from the paper: the captioner is whatever `backend` names (the paper used
 NVILA-8B); `video.max_frames` is not used here (frames_per_clip is the per-request budget).
@@ -154,35 +156,44 @@ def caption_video(video: VideoInput, recipe, backend, prompt: str) -> tuple[dict
     return record, None
 
 
-def run(recipe, run) -> dict:
-    """Caption every video of `recipe.data.input` not yet in `captions.jsonl`; return the summary."""
-    failed = 0
-
-    def list_error(key: str, reason: str) -> None:
-        nonlocal failed
-        failed += 1
-        run.error(key, reason)
-
-    videos = list_videos(recipe.data, list_error)
-    done = done_keys(run.file(OUTPUT), "video")
-    todo = [v for v in videos if v.key not in done]
+def caption_todo(todo: list[VideoInput], recipe, run, done: set[str]) -> tuple[int, int]:
+    """`(videos captioned, clips)`: each record appended as soon as its video is done, in order."""
     prompt = caption_prompt(recipe.caption)
+    backend = make_backend(recipe.backend)
     captioned = clips = 0
-    if todo:
-        backend = make_backend(recipe.backend)
-        try:
-            with run.progress("caption", total=len(todo)) as bar:
-                for video in todo:
-                    record, reason = caption_video(video, recipe, backend, prompt)
-                    if record is None:
-                        failed += 1
-                        run.error(video.key, reason)
-                    else:
-                        run.append(OUTPUT, record)
-                        captioned += 1
-                        clips += len(record["clips"])
-                    bar.advance()
-        finally:
-            backend.close()
+    try:
+        with run.progress("caption", total=len(todo)) as bar:
+            for video in todo:
+                record, reason = caption_video(video, recipe, backend, prompt)
+                if record is None:
+                    run.error(video.key, reason)
+                else:
+                    run.append(OUTPUT, record)
+                    done.add(video.key)
+                    captioned += 1
+                    clips += len(record["clips"])
+                bar.advance()
+    finally:
+        backend.close()
+    return captioned, clips
+
+
+def run(recipe, run) -> dict:
+    """Caption every video of `recipe.data.input` not yet in `captions.jsonl`; return the summary.
+
+    `failed` counts the inputs failed now (the keys `errors.jsonl` lists at the end): every
+    input not in `captions.jsonl` is tried again, earlier failures included.
+    """
+    done = done_keys(run.file(OUTPUT), "video")
+    run.settle_errors(done.__contains__)
+    videos = list_videos(recipe.data, run.error)
+    todo = [v for v in videos if v.key not in done]
+    try:
+        captioned, clips = caption_todo(todo, recipe, run, done) if todo else (0, 0)
+    except BaseException:  # Ctrl-C or a crash: errors.jsonl still settles to what the outputs hold
+        run.settle_errors(done.__contains__)
+        raise
+    # the listing and every video not done were tried: an older failure not recorded again is gone
+    failed = run.settle_errors(done.__contains__, retried=lambda key: True)
     return {"videos": len(videos), "already_done": len(videos) - len(todo), "captioned": captioned,
-            "failed": failed, "clips": clips}
+            "done": sum(v.key in done for v in videos), "failed": len(failed), "clips": clips}

@@ -7,10 +7,11 @@ the prompt `<qa.prompts_dir>/<category>.txt` is filled with the video's captions
 items as JSON: `{question, options: {A..D}, answer, reasoning, source_clips}`. Per item:
 
 1. parse the reply with `parse_json_reply` (think blocks, code fences, near-JSON) and
-   validate it: exactly four distinct non-empty options A-D, an answer among them, a
-   non-empty reasoning that does not conclude another letter. A reply that fails is asked
-   again, up to `qa.max_attempts` in all, with the reason appended to the prompt; a key
-   (`<video_id>/<category>`) that never validates goes to `errors.jsonl`;
+   validate it (`stages/qa_validate.py`): exactly four distinct non-empty options A-D, an
+   answer among them, a non-empty reasoning that does not conclude another letter; a reply
+   cut off mid-JSON before its n-th item fails (`reply has 1 of 2 items (cut off)`). A reply
+   that fails is asked again, up to `qa.max_attempts` in all, with the reason appended to
+   the prompt; a key (`<video_id>/<category>`) that never validates goes to `errors.jsonl`;
 2. if `qa.refine`, ask once more per item for a concise reasoning consistent with the
    answer (`refine.txt`); a rewrite that fails to validate keeps the original (counted);
 3. drop near-duplicate questions of a video (token Jaccard >= `qa.dedup_threshold`),
@@ -21,6 +22,11 @@ items as JSON: `{question, options: {A..D}, answer, reasoning, source_clips}`. P
    `question`, `video_id`, `source_clips`, `duration_s`, and `qa_key` / `qa_key_items`,
    which make a resumed run exactly-once: keys already complete are skipped, and the
    records of a key cut short by a kill are dropped and the key redone.
+
+`errors.jsonl` lists what failed now (see `RunDir.settle_errors`): a `<video_id>/<category>`
+key, a whole `<video_id>` (standing until all its categories are done), a bad input line,
+and notes finer than a key (`<video_id>/spatial/grounding`), which stand while the key's
+items, written without what failed, stand. `failed` counts the first three.
 
 Grounding (`qa.grounding`, spatial only): the middle frame of up to
 `qa.grounding_max_clips` evenly spaced clips goes to `grounding_backend` (a VLM) with
@@ -35,26 +41,20 @@ it with `data.video_dir` downstream).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from stages.backends.base import GenRequest, one_line
 from stages.backends.factory import make_backend
 from stages.backends.jsonparse import ReplyParseError, parse_json_reply
 from stages.caption import fmt_ts
 from stages.data.records import format_problem, iter_jsonl, repair_torn_tail, write_jsonl
+from stages.qa_validate import (QAInvalid, near_duplicate, parse_items_reply, question_tokens, validate_refined,
+                                validate_reply)
 
 OUTPUT = "qa.jsonl"
-LETTERS = ("A", "B", "C", "D")
-_ANSWER = re.compile(r"^\s*\(?\s*([A-Za-z])\s*\)?\s*(?:[.:)]|\s|$)")
-_CONCLUSION = re.compile(r"answer is\W{0,3}([A-Z])\b", re.IGNORECASE)
-_OPTION_PREFIX = re.compile(r"^\s*\(?[A-Da-d][.):]\s+")
 _RETRY_NOTE = "\n\nYour previous reply was rejected: {error}\nReply again with JSON only, following the rules above."
-
-
-class QAInvalid(ValueError):
-    """A reply that does not hold valid items; the message is one line naming the item and field."""
 
 
 # -- prompts -------------------------------------------------------------------------------------
@@ -89,101 +89,6 @@ def load_templates(qa) -> dict[str, str]:
             raise FileNotFoundError(f"qa.prompts_dir: {path}: no such prompt file")
         templates[name] = path.read_text()
     return templates
-
-
-# -- validation ----------------------------------------------------------------------------------
-def normalise_options(raw) -> dict[str, str]:
-    if isinstance(raw, list):
-        if len(raw) != 4:
-            raise QAInvalid(f"options: expected 4 (A-D), got {len(raw)}")
-        raw = {letter: _OPTION_PREFIX.sub("", str(text)) for letter, text in zip(LETTERS, raw)}
-    if not isinstance(raw, dict):
-        raise QAInvalid("options: expected an object {A, B, C, D}")
-    options = {str(k).strip().strip(".").upper(): " ".join(str(v).split()) if v is not None else ""
-               for k, v in raw.items()}
-    if len(raw) != 4 or sorted(options) != list(LETTERS):
-        raise QAInvalid(f"options: expected exactly A, B, C, D, got {len(raw)}: {', '.join(map(str, raw))}")
-    for letter in LETTERS:
-        if not options[letter]:
-            raise QAInvalid(f"options: {letter} is empty")
-    if len({v.casefold() for v in options.values()}) != 4:
-        raise QAInvalid("options: not distinct")
-    return {letter: options[letter] for letter in LETTERS}
-
-
-def normalise_answer(raw, options: dict[str, str]) -> str:
-    text = " ".join(str(raw).split()) if raw is not None else ""
-    m = _ANSWER.match(text)
-    if m and m.group(1).upper() in options:
-        return m.group(1).upper()
-    for letter, option in options.items():
-        if text.casefold() == option.casefold():
-            return letter
-    raise QAInvalid(f"answer {text!r} is not one of {', '.join(options)}")
-
-
-def check_reasoning(reasoning, answer: str) -> str:
-    """The reasoning, stripped; raise QAInvalid when empty or when it concludes another letter."""
-    if not isinstance(reasoning, str) or not reasoning.strip():
-        raise QAInvalid("reasoning: empty")
-    for letter in _CONCLUSION.findall(reasoning):
-        if letter.upper() != answer:
-            raise QAInvalid(f"reasoning concludes {letter.upper()} but the answer is {answer}")
-    return reasoning.strip()
-
-
-def validate_reply(value, n: int, n_clips: int) -> list[dict]:
-    """The first `n` items of a parsed reply, normalised; raise QAInvalid naming the first problem."""
-    items = value.get("questions", value.get("items")) if isinstance(value, dict) else value
-    if isinstance(value, dict) and items is None and "question" in value:
-        items = [value]
-    if not isinstance(items, list):
-        raise QAInvalid('expected a list of items under "questions"')
-    if not items:
-        raise QAInvalid("no questions in the reply")
-    out = []
-    for i, item in enumerate(items[:n], 1):
-        try:
-            if not isinstance(item, dict):
-                raise QAInvalid("not an object")
-            question = item.get("question")
-            if not isinstance(question, str) or not question.strip():
-                raise QAInvalid("question: empty")
-            options = normalise_options(item.get("options"))
-            answer = normalise_answer(item.get("answer"), options)
-            reasoning = check_reasoning(item.get("reasoning"), answer)
-        except QAInvalid as exc:
-            raise QAInvalid(f"item {i}: {exc}") from None
-        clips = item.get("source_clips")
-        if isinstance(clips, list):
-            clips = sorted({c for c in clips if isinstance(c, int) and 0 <= c < n_clips})
-        else:
-            clips = None
-        out.append({"question": " ".join(question.split()), "options": options, "answer": answer,
-                    "reasoning": reasoning, "source_clips": clips})
-    return out
-
-
-def validate_refined(value, answer: str, options: dict[str, str]) -> str:
-    """The rewritten reasoning of a refine reply; raise QAInvalid when it is unusable."""
-    reasoning = value.get("reasoning") if isinstance(value, dict) else None
-    reasoning = check_reasoning(reasoning, answer)
-    if not _CONCLUSION.search(reasoning) and options[answer].casefold() not in reasoning.casefold():
-        raise QAInvalid(f"reasoning does not reach the answer {answer}")
-    return reasoning
-
-
-# -- near-duplicates -------------------------------------------------------------------------------
-def question_tokens(question: str) -> frozenset[str]:
-    return frozenset(re.findall(r"[a-z0-9]+", question.casefold()))
-
-
-def jaccard(a: frozenset, b: frozenset) -> float:
-    return len(a & b) / len(a | b) if a or b else 1.0
-
-
-def near_duplicate(tokens: frozenset, kept: list[frozenset], threshold: float) -> bool:
-    return any(jaccard(tokens, other) >= threshold for other in kept)
 
 
 # -- inputs and resume ---------------------------------------------------------------------------
@@ -245,6 +150,7 @@ class Stage:
         self.templates = load_templates(recipe.qa)
         self.backend = None
         self.grounder = None
+        self.done: set[str] = set()  # keys complete in qa.jsonl
         self.stats = {"failed": 0, "retries": 0, "refined": 0, "refine_kept_original": 0, "deduplicated": 0,
                       "grounding_failed": 0, "items": 0, "keys_written": 0}
 
@@ -254,7 +160,6 @@ class Stage:
                           temperature=cfg.temperature, seed=self.recipe.seed)
 
     def error(self, key: str, reason: str) -> None:
-        self.stats["failed"] += 1
         self.run.error(key, reason)
 
     # -- grounding ---------------------------------------------------------------------------
@@ -337,8 +242,8 @@ class Stage:
                 try:
                     if not result.ok:
                         raise QAInvalid(f"backend: {result.error}")
-                    items = validate_reply(parse_json_reply(result.text), self.qa.questions_per_category,
-                                           len(job.clips))
+                    n = self.qa.questions_per_category
+                    items = validate_reply(parse_items_reply(result.text, n), n, len(job.clips))
                 except (QAInvalid, ReplyParseError) as exc:
                     pending[key][3] = one_line(str(exc), 300)
                     continue
@@ -394,6 +299,8 @@ class Stage:
                 self.run.append(OUTPUT, record | {"qa_key": key, "qa_key_items": len(fresh)})
             self.stats["items"] += len(fresh)
             self.stats["keys_written"] += bool(fresh)
+            if fresh:
+                self.done.add(key)
 
     def close(self) -> None:
         for backend in (self.backend, self.grounder):
@@ -420,19 +327,56 @@ def parse_boxes(value, width: int, height: int) -> list[tuple[str, tuple[float, 
     return out
 
 
+class ErrorScope(NamedTuple):
+    """What an errors.jsonl key names: `<video_id>`, `<video_id>/<category>`, or a note finer than
+    a key (`<video_id>/<category>/...`); a key that names no input video has no scope."""
+
+    video_id: str
+    category: str | None
+    finer: bool
+
+
+def error_scope(key: str, video_ids: set[str]) -> ErrorScope | None:
+    cuts = [len(key)] + [i for i in range(len(key) - 1, 0, -1) if key[i] == "/"]
+    video_id = next((key[:i] for i in cuts if key[:i] in video_ids), None)  # the longest: ids may hold "/"
+    if video_id is None:
+        return None
+    rest = key[len(video_id) + 1:].split("/", 1)
+    return ErrorScope(video_id, rest[0] or None, len(rest) > 1)
+
+
 def run(recipe, run) -> dict:
     """Write QA items for every (video, category) of `data.input` not yet in `qa.jsonl`; return the summary."""
     stage = Stage(recipe, run)
     jobs = read_videos(recipe, stage.error)
     existing = complete_records(run.file(OUTPUT))
-    done = {rec["qa_key"] for rec in existing}
+    stage.done = {rec["qa_key"] for rec in existing}
+    categories = list(recipe.qa.categories)
+    video_ids = {job.video_id for job in jobs}
+
+    def done(key: str) -> bool:
+        scope = error_scope(key, video_ids)
+        if scope is None or scope.finer:
+            return False  # a bad input line is read again; a finer note stands while its key's items do
+        wanted = [scope.category] if scope.category else categories
+        return all(f"{scope.video_id}/{c}" in stage.done for c in wanted)
+
+    run.settle_errors(done)
     kept: dict[str, list[frozenset]] = {}
     for rec in existing:
         kept.setdefault(rec["video_id"], []).append(question_tokens(rec["question"]))
     n_keys = sum(len(job.categories) for job in jobs)
     for job in jobs:
-        job.categories = [c for c in job.categories if f"{job.video_id}/{c}" not in done]
+        job.categories = [c for c in job.categories if f"{job.video_id}/{c}" not in stage.done]
     todo = [job for job in jobs if job.categories]
+    tried = {job.video_id: set(job.categories) for job in todo}
+
+    def retried(key: str) -> bool:  # input lines are all read again; a video or key, when it was to do
+        scope = error_scope(key, video_ids)
+        if scope is None:
+            return True
+        return scope.category in tried.get(scope.video_id, ()) if scope.category else scope.video_id in tried
+
     already_done = n_keys - sum(len(job.categories) for job in todo)
     per_wave = max(1, -(-2 * recipe.backend.max_concurrency // max(1, len(recipe.qa.categories))))
     try:
@@ -449,6 +393,13 @@ def run(recipe, run) -> dict:
                 for job in wave:
                     stage.write(job, kept.setdefault(job.video_id, []))
                     bar.advance()
+    except BaseException:
+        run.settle_errors(done)
+        raise
     finally:
         stage.close()
-    return {"videos": len(jobs), "keys": n_keys, "already_done": already_done, **stage.stats}
+    standing = run.settle_errors(done, retried)
+    notes = [key for key in standing if (scope := error_scope(key, video_ids)) and scope.finer]
+    stage.stats["failed"] = len(standing) - len(notes)
+    return {"videos": len(jobs), "keys": n_keys, "already_done": already_done,
+            "done": sum(f"{job.video_id}/{c}" in stage.done for job in jobs for c in categories), **stage.stats}

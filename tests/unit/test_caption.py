@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import stages.caption as caption
-from lvr_cli.recipes import CaptionRecipe, SynthSpec
+from lvr_cli.recipes import CaptionRecipe, RecipeError, SynthSpec
 from lvr_cli.rundir import RunDir
 from stages.backends.base import GenResult
 from stages.data.records import read_jsonl
@@ -30,12 +30,16 @@ def videos(tmp_path_factory):
 
 
 class FakeVLM:
-    """Answers each clip request with what it was shown; fails the keys in `fail`."""
+    """Answers each clip request with what it was shown; fails the keys in `fail`; a Ctrl-C
+    on its `interrupt_at`-th call (1-based), as a killed run would stop."""
 
-    def __init__(self, fail=()):
-        self.fail, self.keys = set(fail), []
+    def __init__(self, fail=(), interrupt_at=0):
+        self.fail, self.keys, self.calls, self.interrupt_at = set(fail), [], 0, interrupt_at
 
     def generate(self, requests):
+        self.calls += 1
+        if self.calls == self.interrupt_at:
+            raise KeyboardInterrupt
         out = []
         for r in requests:
             self.keys.append(r.key)
@@ -57,8 +61,8 @@ def recipe(data_input, out, **caption_spec):
     })
 
 
-def run_stage(r):
-    run = RunDir(Path(r.output.dir), r).open()
+def run_stage(r, retry_failed=False):
+    run = RunDir(Path(r.output.dir), r).open(retry_failed=retry_failed)
     summary = caption.run(r, run)
     run.finish(summary)
     return summary, run
@@ -73,7 +77,7 @@ def fake(monkeypatch):
 
 def test_clips_frames_and_corrupt_video(videos, tmp_path, fake):
     summary, run = run_stage(recipe(videos / "videos", tmp_path / "out"))
-    assert summary == {"videos": 5, "already_done": 0, "captioned": 4, "failed": 1, "clips": 3 * 3 + 1}
+    assert summary == {"videos": 5, "already_done": 0, "captioned": 4, "done": 4, "failed": 1, "clips": 3 * 3 + 1}
     records = {r["video"]: r for r in read_jsonl(run.file("captions.jsonl"))}
     assert sorted(records) == ["short.mp4", "synth-s0-0000.mp4", "synth-s0-0001.mp4", "synth-s0-0002.mp4"]
 
@@ -121,6 +125,54 @@ def test_failed_clip_is_not_written_and_retried_on_resume(videos, tmp_path, fake
     assert summary["failed"] == 1  # broken.mp4, tried again
     keys = [r["video"] for r in read_jsonl(run.file("captions.jsonl"))]
     assert len(keys) == len(set(keys)) == 4
+
+
+def errors_of(out) -> list[tuple[str, str]]:
+    return [(e["key"], e["reason"]) for e in read_jsonl(out / "errors.jsonl")]
+
+
+def test_errors_after_interrupted_reruns_list_what_failed_now_once(videos, tmp_path, fake):
+    """Videos in order: broken (fails to probe), short, synth 0, 1, 2 (one backend call each)."""
+    out, r = tmp_path / "out", recipe(videos / "videos", tmp_path / "out")
+    fake["backend"] = FakeVLM(fail={"synth-s0-0001.mp4#1"}, interrupt_at=4)  # stops at synth 2
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(r)
+    assert [k for k, _ in errors_of(out)] == ["broken.mp4", "synth-s0-0001.mp4"]
+    broken = errors_of(out)[0]
+
+    fake["backend"] = FakeVLM(fail={"synth-s0-0001.mp4#1"}, interrupt_at=2)  # both fail again, then stops
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(r)
+    assert errors_of(out) == [broken, ("synth-s0-0001.mp4", "clip 1 [3.0-6.0 s]: HTTP 500: boom")]
+    with open(out / "errors.jsonl", "a") as f:
+        f.write('{"key": "synth-s0-0002.mp4", "rea')  # a failure torn by a SIGKILL mid-write
+
+    fake["backend"] = FakeVLM()
+    summary, run = run_stage(r)
+    assert summary == {"videos": 5, "already_done": 2, "captioned": 2, "done": 4, "failed": 1, "clips": 6}
+    assert errors_of(out) == [broken]  # synth 1 succeeded on this run; broken.mp4 is listed once
+    keys = [x["video"] for x in read_jsonl(run.file("captions.jsonl"))]
+    assert sorted(keys) == ["short.mp4", "synth-s0-0000.mp4", "synth-s0-0001.mp4", "synth-s0-0002.mp4"]
+
+
+def test_retry_failed_redoes_only_the_failed_videos_of_a_finished_run(videos, tmp_path, fake):
+    out, r = tmp_path / "out", recipe(videos / "videos", tmp_path / "out")
+    fake["backend"] = FakeVLM(fail={"synth-s0-0001.mp4#1", "synth-s0-0002.mp4#0"})
+    summary, _ = run_stage(r)
+    assert summary["failed"] == 3 and summary["done"] == 2
+    with pytest.raises(RecipeError, match="holds a finished run"):
+        run_stage(r)
+    before = read_jsonl(out / "captions.jsonl")
+
+    fake["backend"] = FakeVLM(fail={"synth-s0-0002.mp4#2"})  # synth 1 now succeeds, synth 2 fails elsewhere
+    summary, run = run_stage(r, retry_failed=True)
+    assert {k.split("#")[0] for k in fake["backend"].keys} == {"synth-s0-0001.mp4", "synth-s0-0002.mp4"}
+    assert run.resumed and summary == {"videos": 5, "already_done": 2, "captioned": 1, "done": 3, "failed": 2,
+                                       "clips": 3}
+    assert [k for k, _ in errors_of(out)] == ["broken.mp4", "synth-s0-0002.mp4"]
+    assert errors_of(out)[1][1] == "clip 2 [6.0-7.0 s]: HTTP 500: boom"
+    after = read_jsonl(out / "captions.jsonl")
+    assert after[:2] == before and [x["video"] for x in after[2:]] == ["synth-s0-0001.mp4"]
 
 
 def test_jsonl_list_with_video_dir_and_limit(videos, tmp_path, fake):

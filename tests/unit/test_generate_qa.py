@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import stages.generate_qa as gq
+import stages.qa_validate as qv
 from lvr_cli.recipes import GenerateQARecipe, SynthSpec
 from lvr_cli.rundir import RunDir
 from stages.data.gt_server import PLACE_BOXES, GTServer
@@ -147,13 +148,13 @@ def test_malformed_replies_are_retried_then_recorded(data, truth, tmp_path):
       {"question": " ", "options": {}, "answer": "A", "reasoning": "r"}], "item 2: question: empty"),
 ])
 def test_validation_messages(reply, error):
-    with pytest.raises(gq.QAInvalid) as exc:
-        gq.validate_reply(reply, n=2, n_clips=3)
+    with pytest.raises(qv.QAInvalid) as exc:
+        qv.validate_reply(reply, n=2, n_clips=3)
     assert str(exc.value) == error
 
 
 def test_validation_normalises_tolerable_forms():
-    items = gq.validate_reply({"questions": [
+    items = qv.validate_reply({"questions": [
         {"question": " Which  colour? ", "options": ["A. red", "B. green", "C) blue", "yellow"],
          "answer": "(C) blue", "reasoning": " The answer is C. ", "source_clips": [2, 7, "x", 0]},
         {"question": "Where?", "options": {"a": "left", "b": "right", "c": "top", "d": "bottom"},
@@ -171,9 +172,9 @@ def test_validation_normalises_tolerable_forms():
 def test_near_duplicates_are_dropped(data, truth, tmp_path):
     after = "The screen flashes white once in the video. Which colour fills the screen right after the white flash?"
     before = after.replace("after the", "before the")
-    assert gq.jaccard(gq.question_tokens(after), gq.question_tokens(before)) == pytest.approx(12 / 14)
-    assert gq.near_duplicate(gq.question_tokens(before), [gq.question_tokens(after)], 0.85)
-    assert not gq.near_duplicate(gq.question_tokens(before), [gq.question_tokens(after)], 0.9)
+    assert qv.jaccard(qv.question_tokens(after), qv.question_tokens(before)) == pytest.approx(12 / 14)
+    assert qv.near_duplicate(qv.question_tokens(before), [qv.question_tokens(after)], 0.85)
+    assert not qv.near_duplicate(qv.question_tokens(before), [qv.question_tokens(after)], 0.9)
 
     key = "synth-s0-0000/goal"  # one question; the reply repeats it upper-cased
     with GTServer(data, faults={key: ["duplicate"]}) as server:
