@@ -143,7 +143,7 @@ def run(recipe, run) -> dict:
                 for it, r in zip(batch, generate_blind(rt, batch, sampling, [place[it.key] for it in batch])):
                     if writer:
                         writer.write(prediction_row(it, BLIND_FRAMES, rt.response_text(r.token_ids), r.finished,
-                                                    len(r.token_ids), None, vid.fps, vid.max_pixels))
+                                                    len(r.token_ids)))  # no video: no frames, fps or pixels
                 bar.advance(len(batch))
             for frames in frames_list:
                 for b in range(0, len(todo[frames]), gen.batch_per_rank):

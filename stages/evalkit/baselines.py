@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from stages.evalkit.items import EvalItem
 from stages.evalkit.stats import proportion
-from stages.mrsp.rollout import Rollout, RolloutPrompt, Sampling
-from stages.mrsp.runtime import question_messages
+
+if TYPE_CHECKING:  # the blind half needs torch and the runtime; reports and `lvr compare` do not
+    from stages.mrsp.rollout import Rollout, RolloutPrompt, Sampling
 
 UNPARSED = "unparsed"  # the predicted-letter bucket of replies that name no option
 
@@ -43,6 +45,8 @@ def letter_baselines(rows: list[dict]) -> dict:
 def blind_messages(record: dict, system: str | None = None, think: bool = True) -> list[dict]:
     """`question_messages` of `record` with its video part removed (same system, question,
     options and instruction)."""
+    from stages.mrsp.runtime import question_messages
+
     out = []
     for m in question_messages(record, system, think):
         if isinstance(m["content"], list):
@@ -54,6 +58,8 @@ def blind_messages(record: dict, system: str | None = None, think: bool = True) 
 def blind_prompt(adapter, record: dict, key: str, system: str | None = None, think: bool = True) -> RolloutPrompt:
     """The text-only prompt of `record`: the chat template's ids without any vision token, with
     plain 1-D positions on the three mRoPE axes (what the model uses for text alone)."""
+    from stages.mrsp.rollout import RolloutPrompt
+
     ids = adapter.prompt_ids(blind_messages(record, system, think), [])
     return RolloutPrompt.build(adapter, key, ids, [], grids=[])
 

@@ -3,11 +3,23 @@ the date, and every setting that changes the replies (decoding, prompt, video sa
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 
 from stages.env import git_commit
 from stages.models.tiny import family_of
+
+
+def git_dirty() -> bool | None:
+    """Whether lvr's tracked files differ from its commit (the commit then does not name the code
+    that ran); None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                             text=True, timeout=10, cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
 
 
 def hub_revision(repo_id: str, cache_dir: str | Path | None = None) -> str | None:
@@ -44,11 +56,11 @@ def section(obj) -> dict:
 
 
 def run_provenance(recipe) -> dict:
-    """Model identity, lvr git commit, date, seed and the generation, prompt, video and model
+    """Model identity, lvr git commit (and whether the checkout had uncommitted changes), date, seed and the generation, prompt, video and model
     settings of an eval recipe."""
     gen = section(recipe.generation)
     gen |= {"top_p": 1.0, "greedy": gen["temperature"] == 0}  # eval samples with top_p 1 (stages/eval.py)
-    return {"model": model_identity(recipe.model.path), "git_commit": git_commit(),
+    return {"model": model_identity(recipe.model.path), "git_commit": git_commit(), "git_dirty": git_dirty(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seed": recipe.seed, "blind": recipe.eval.blind,
             "generation": gen, "prompt": section(recipe.prompt), "video": section(recipe.video),
             "model_settings": section(recipe.model)}

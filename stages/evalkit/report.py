@@ -169,7 +169,8 @@ def _provenance_lines(prov: dict | None) -> list[str]:
     where = {"hub": f"hub, revision `{m['revision'] or 'not in the local cache'}`",
              "local": f"local folder `{m['name']}`", "tiny": "lvr's tiny test model"}[m["source"]]
     fps = f"at most {video['fps']} fps" if video.get("fps") else "spread uniformly"
-    return [f"Model `{m['path']}` ({where}); lvr commit `{prov['git_commit'] or 'unknown'}`; {prov['date']}; "
+    commit = (prov["git_commit"] or "unknown") + (" with uncommitted changes" if prov.get("git_dirty") else "")
+    return [f"Model `{m['path']}` ({where}); lvr commit `{commit}`; {prov['date']}; "
             f"seed {prov['seed']}. Frames {fps}, at most {video['max_pixels']} pixels each; decoding: "
             f"temperature {gen['temperature']}, top_p {gen['top_p']}, {gen['max_new_tokens']} new tokens at most.", ""]
 

@@ -258,6 +258,9 @@ dir = "{out}"
     assert prov["model"] == {"path": "tiny:qwen2.5-vl", "source": "tiny", "name": "tiny:qwen2.5-vl", "revision": None}
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(ev.__file__).parent)
     assert prov["git_commit"] == head.stdout.strip() and prov["date"][:2] == "20" and prov["blind"] is False
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           cwd=Path(ev.__file__).parent).stdout.strip() != ""
+    assert prov["git_dirty"] is dirty
     assert prov["generation"] == {"max_new_tokens": 12, "temperature": 0.0, "batch_per_rank": 3, "top_p": 1.0,
                                   "greedy": True}
     assert prov["video"]["fps"] == 0.5 and prov["video"]["frames"] == [8, 4] and "blind" not in results
@@ -330,7 +333,7 @@ def test_blind_decodes_every_item_without_its_video_first_and_resumes(evalset, t
     keys = [r["problem_id"] for r in _read(evalset / "eval5.jsonl")]
     assert [(p["key"], p["frames"], p["blind"]) for p in preds[:5]] == [(k, 0, True) for k in keys]  # blind first
     assert [p["frames"] for p in preds[5:]] == [4] * 4 and "broken" not in {p["key"] for p in preds[5:]}
-    assert all(p["frames_sampled"] == 0 and p["first_s"] is None for p in preds[:5])
+    assert all(p["frames_sampled"] == 0 and p["first_s"] is None and p["fps"] is None for p in preds[:5])
     assert run.totals == [5 + 5] and [k for k, _ in run.errors] == ["broken"]
 
     # the blind replies are the model's with the recipe's prompt and no video, seeded by item place
