@@ -19,6 +19,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 RecipeArg = Annotated[Path, typer.Argument(help="TOML recipe", show_default=False)]
 OverridesArg = Annotated[Optional[list[str]], typer.Argument(help="dotted.key=value overrides (TOML literals)")]
 AllowFailures = Annotated[bool, typer.Option("--allow-failures", help="exit 0 even when some inputs failed")]
+RetryFailed = Annotated[bool, typer.Option("--retry-failed", help="reopen a finished run and redo only its "
+                                           "failed (and unfinished) inputs, keeping what it finished")]
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -40,7 +42,7 @@ def load(path: Path, overrides: list[str] | None, stage: str | None = None, chec
 
 
 def run_stage(stage: str, stage_run, path: Path, overrides: list[str] | None,
-              allow_failures: bool = False) -> dict:
+              allow_failures: bool = False, retry_failed: bool = False) -> dict:
     """Validate, open the run directory, run `stage_run(recipe, rundir)` (a stage module's
     `run`), summarise."""
     from lvr_cli.recipes import RecipeError, default_output_dir
@@ -50,14 +52,18 @@ def run_stage(stage: str, stage_run, path: Path, overrides: list[str] | None,
     if relaunch_needed(recipe):
         raise typer.Exit(relaunch(recipe))
     try:
-        run = RunDir(default_output_dir(recipe, path), recipe).open()
+        run = RunDir(default_output_dir(recipe, path), recipe).open(retry_failed=retry_failed)
     except RecipeError as e:
         fail(str(e))
     from stages.backends.base import BackendError
+    from stages.evalkit.items import EmptyEvalSetError
     from stages.mrsp.dist import CollectiveError
 
     try:
         summary = stage_run(recipe, run)
+    except EmptyEvalSetError as e:  # an input without records: a bad input, refused before any work
+        run.discard()
+        fail(f"{path}: {e}")
     except BackendError as e:  # a backend the recipe describes cannot be built (bad key, URL, ...)
         fail(f"{path}: {e}")
     except CollectiveError as e:  # another process of the launch died or hung
@@ -118,27 +124,30 @@ def relaunch(recipe) -> int:
 
 
 @app.command()
-def caption(recipe: RecipeArg, overrides: OverridesArg = None, allow_failures: AllowFailures = False) -> None:
+def caption(recipe: RecipeArg, overrides: OverridesArg = None, allow_failures: AllowFailures = False,
+            retry_failed: RetryFailed = False) -> None:
     """Cut videos into clips and caption each clip with a VLM backend -> captions.jsonl."""
     from stages import caption as stage
 
-    run_stage("caption", stage.run, recipe, overrides, allow_failures)
+    run_stage("caption", stage.run, recipe, overrides, allow_failures, retry_failed)
 
 
 @app.command("generate-qa")
-def generate_qa(recipe: RecipeArg, overrides: OverridesArg = None, allow_failures: AllowFailures = False) -> None:
+def generate_qa(recipe: RecipeArg, overrides: OverridesArg = None, allow_failures: AllowFailures = False,
+                retry_failed: RetryFailed = False) -> None:
     """Write question/reasoning/answer items per category from a video's captions -> qa.jsonl."""
     from stages import generate_qa as stage
 
-    run_stage("generate-qa", stage.run, recipe, overrides, allow_failures)
+    run_stage("generate-qa", stage.run, recipe, overrides, allow_failures, retry_failed)
 
 
 @app.command("filter")
-def filter_(recipe: RecipeArg, overrides: OverridesArg = None, allow_failures: AllowFailures = False) -> None:
+def filter_(recipe: RecipeArg, overrides: OverridesArg = None, allow_failures: AllowFailures = False,
+            retry_failed: RetryFailed = False) -> None:
     """GRPO-aware filtering: N samples of the base model per item -> rl.jsonl and sft.jsonl."""
     from stages import filter as stage
 
-    run_stage("filter", stage.run, recipe, overrides, allow_failures)
+    run_stage("filter", stage.run, recipe, overrides, allow_failures, retry_failed)
 
 
 @app.command()
@@ -179,6 +188,23 @@ def bench_components(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     from stages import bench_components as stage
 
     run_stage("bench-components", stage.run, recipe, overrides)
+
+
+@app.command()
+def compare(run_dirs: Annotated[list[Path], typer.Argument(help="finished eval run directories, the first the baseline",
+                                                          show_default=False)],
+            out: Annotated[Optional[Path], typer.Option(help="output folder (default runs/compare/<A>-vs-<B>)")] = None,
+            scoring: Annotated[str, typer.Option(help="lenient (lvr eval's `accuracy`) or strict (the official "
+                                                      "exact match) for the per-group and bar-chart numbers")] = "lenient",
+            ) -> None:
+    """Compare eval runs on the same items: accuracies with 95% intervals, paired differences, McNemar tests."""
+    from stages.compare import CompareError, compare_runs
+
+    try:
+        result = compare_runs(run_dirs, out, scoring)
+    except CompareError as e:
+        fail(str(e))
+    typer.echo(f"wrote {result['markdown']} and {result['plot']}")
 
 
 @app.command()

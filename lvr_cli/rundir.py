@@ -86,6 +86,12 @@ class RunDir:
             (self.path / "env.json").write_text(json.dumps(env, indent=2) + "\n")
         return self
 
+    def discard(self) -> None:
+        """Remove a run folder this open created, when the stage refused its input before any
+        work: the corrected command then starts afresh instead of meeting a different recipe."""
+        if self.is_main and not self.resumed:
+            shutil.rmtree(self.path, ignore_errors=True)
+
     def finish(self, summary: dict) -> dict:
         summary = {"stage": self.recipe.stage, "seconds": round(time.time() - self.started, 2),
                    "resumed": self.resumed, **summary}

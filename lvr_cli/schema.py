@@ -273,9 +273,14 @@ class EvalDataSection(DataSection):
     format: Literal["auto", "longvideo-reason", "videomme"] = "auto"
 
 
+class EvalSection(Section):
+    blind: bool = False  # also decode every item with the video left out: same model and prompt, a baseline
+
+
 class EvalRecipe(Recipe):
     stage: Literal["eval"] = "eval"
     data: EvalDataSection
+    eval: EvalSection = EvalSection()
     model: ModelSection = ModelSection()
     video: EvalVideoSection = EvalVideoSection()
     prompt: PromptSection = PromptSection()
