@@ -38,7 +38,7 @@ from collections import Counter
 from pathlib import Path
 
 from stages.algo.rewards import combined_reward
-from stages.data.records import (CATEGORIES, RecordError, done_keys, iter_jsonl, read_jsonl, split_problem,
+from stages.data.records import (RecordError, done_keys, iter_jsonl, read_jsonl, split_problem,
                                  write_jsonl)
 from stages.data.video import VideoDecodeError
 from stages.mrsp.dist import Grid, broadcast_object, even_splits, gather_objects

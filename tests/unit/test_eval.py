@@ -14,6 +14,7 @@ import pytest
 from lvr_cli.recipes import RecipeError, load_recipe
 from stages import eval as ev
 from stages.data import synth
+from stages.data.records import CATEGORIES
 from stages.data.video import probe
 from stages.evalkit.scoring import official_answer
 from stages.evalkit.stats import wilson
@@ -272,7 +273,7 @@ dir = "{out}"
     assert sum(s["total"] for s in at8["by_category"].values()) == 4
     summary = json.loads((out / "summary.json").read_text())
     assert summary["accuracy"] == at8["overall"]["accuracy"] and summary["failed"] == 1
-    assert summary["items"] == 5 and summary["frames"] == 8 and set(summary["by_category"]) <= set(synth.CATEGORIES)
+    assert summary["items"] == 5 and summary["frames"] == 8 and set(summary["by_category"]) <= set(CATEGORIES)
     lo, hi = wilson(correct8, 4)
     assert summary["accuracy_ci95"] == f"[{lo:.4f}, {hi:.4f}]" and summary["n"] == 4
     assert summary["accuracy_strict"] == strict8 / 4 and set(summary["by_category_n"]) == set(summary["by_category"])

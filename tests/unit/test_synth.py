@@ -8,7 +8,8 @@ from lvr_cli.schema import SynthSpec
 import numpy as np
 import pytest
 
-from stages.data import synth
+from stages.data import synth, synth_questions
+from stages.data.records import CATEGORIES
 from stages.data.synth_render import PALETTE, QUADRANTS
 
 
@@ -54,8 +55,8 @@ def test_records_have_the_longvideo_reason_fields_and_valid_options(dataset):
         assert answer_text.split()[-1] in r["reasoning"] and r["reasoning"].endswith(f"The answer is {r['answer']}.")
         assert r["evidence"] and r["source_clips"]
     assert len({r["problem_id"] for r in recs}) == len(recs)
-    assert Counter(r["category"] for r in recs) == {c: 4 for c in synth.CATEGORIES}
-    assert {r["category"] for r in read_jsonl(dataset / "eval.jsonl")} == set(synth.CATEGORIES)
+    assert Counter(r["category"] for r in recs) == {c: 4 for c in CATEGORIES}
+    assert {r["category"] for r in read_jsonl(dataset / "eval.jsonl")} == set(CATEGORIES)
 
 
 def test_same_seed_gives_identical_bytes_and_another_seed_differs(dataset, tmp_path):
@@ -110,7 +111,7 @@ def test_rendered_agent_is_where_spatial_and_goal_answers_say():
         clips = synth.clip_captions(script, cfg.clip_seconds)
         frames = synth.render_video_frames(script)
         assert frames.shape == (64, 56, 56, 3) and frames.dtype == np.uint8
-        for r in synth.make_questions(script, cfg, clips, np.random.default_rng(index)):
+        for r in synth_questions.make_questions(script, cfg, clips, np.random.default_rng(index)):
             if r["category"] not in ("spatial", "goal"):
                 continue
             quadrant = r["options"][r["answer"]].removeprefix("the ").removesuffix(" corner")
@@ -130,7 +131,7 @@ def test_answer_letters_are_balanced_without_writing_videos(tmp_path):
         assert not (out / "videos").exists() and summary["videos"] == {"train": 75, "eval": 25}
         recs = records(out)
         assert len(recs) == 400
-        for category in (None, *synth.CATEGORIES):
+        for category in (None, *CATEGORIES):
             letters = Counter(r["answer"] for r in recs if category in (None, r["category"]))
             total = sum(letters.values())
             assert all(0.10 <= letters[x] / total <= 0.40 for x in "ABCD"), (order, category, letters)
@@ -140,9 +141,9 @@ def test_fixed_option_order_repeats_one_list_per_question_type(tmp_path):
     synth.generate(make_cfg(videos=12), tmp_path / "fixed", seed=2, write_videos=False)
     synth.generate(make_cfg(videos=12, option_order="shuffled"), tmp_path / "shuffled", seed=2, write_videos=False)
     fixed, shuffled = records(tmp_path / "fixed"), records(tmp_path / "shuffled")
-    for category in synth.CATEGORIES:
+    for category in CATEGORIES:
         lists = {tuple(r["options"].items()) for r in fixed if r["category"] == category}
-        assert lists == {tuple(zip("ABCD", synth.OPTION_LISTS[category]))}
+        assert lists == {tuple(zip("ABCD", synth_questions.OPTION_LISTS[category]))}
         assert len({tuple(r["options"].items()) for r in shuffled if r["category"] == category}) > 1
     assert fixed[0]["options"]["A"] == "red" or fixed[0]["category"] != "temporal"
     assert {tuple(r["options"].values()) for r in fixed if r["category"] == "spatial"} == {QUADRANTS}
@@ -210,9 +211,9 @@ def test_perception_answers_are_what_the_frames_show_longest():
         (colour, n), (_, runner_up) = colours.most_common(2)
         assert n > runner_up
         quadrant = still.most_common(1)[0][0]
-        qs = synth.make_questions(script, cfg, synth.clip_captions(script, cfg.clip_seconds),
+        qs = synth_questions.make_questions(script, cfg, synth.clip_captions(script, cfg.clip_seconds),
                                   np.random.default_rng(index))
-        assert [r["category"] for r in qs] == list(synth.CATEGORIES)
+        assert [r["category"] for r in qs] == list(CATEGORIES)
         for r in qs:
             text = r["options"][r["answer"]]
             want = {"temporal": colour, "plot": f"The screen turns {colour}.",
