@@ -1,18 +1,21 @@
 """`lvr push`: a finished run directory to the Hugging Face Hub, with a card.
 
 What goes up follows the run's stage (the `stage` of its recipe.json):
-- sft, rl -> a model repo: the files of `final/` (the Hugging Face checkpoint), the run's
-  curves (`*.png`) and `metrics.jsonl`, and a model card (recipe, final metrics, data,
-  environment, how to load it).
-- synth, caption, generate-qa, filter -> a dataset repo: the run's JSONL files (not
-  `errors*.jsonl`, `metrics.jsonl` or per-rank shards) and plots, with `include_videos` the
-  videos the records reference, and a dataset card with record counts per reasoning category
-  per file.
-- eval -> a dataset repo: predictions, `results.json`, plots, and `report.md` in the card.
+- sft, rl -> a model repo: the files of `final/` (the Hugging Face checkpoint) with the run's
+  video settings written into the processor config, the run's curves (`*.png`) and
+  `metrics.jsonl`, and a model card (lineage, prompt format, video settings, results of the
+  eval runs given, data, recipe, environment, license).
+- synth, caption, generate-qa, filter -> a dataset repo: the run's JSONL files with records
+  (not `errors*.jsonl`, `metrics.jsonl` or per-rank shards) and plots, with `include_videos`
+  the videos the records reference, and a dataset card with splits and record counts per
+  reasoning category per file.
+- eval -> a dataset repo: predictions (the `test` split), `results.json`, plots, and
+  `report.md` in the card.
 
-The folder to upload is always staged first (`RUN_DIR/push/` unless `out` is given). A dry
-run (asked for, or no Hugging Face token) stops there; a real push creates the repo and
-uploads that same folder, so what a dry run shows is exactly what would be uploaded.
+The folder to upload is always staged first (`RUN_DIR/push/` unless `out` is given); the run
+directory itself is never written. A dry run (asked for, or no Hugging Face token) stops
+there; a real push creates the repo and uploads that same folder, so what a dry run shows is
+exactly what would be uploaded. No card names a path of this machine (`check_public`).
 """
 
 from __future__ import annotations
@@ -22,16 +25,18 @@ import os
 import re
 import shutil
 from collections import Counter
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
+from pathlib import Path, PurePath
 
 from stages.data.records import CATEGORIES, iter_jsonl
 
-MODEL_STAGES = {"sft": "sft", "rl": "grpo"}  # stage -> the card's method tag
+MODEL_STAGES = ("sft", "rl")
 DATA_STAGES = ("synth", "caption", "generate-qa", "filter")
 CARD_MARK = "<!-- written by lvr push -->"  # a folder whose README has it may be replaced
-PAPER = "LongVILA-R1 ([Scaling RL to Long Videos](https://arxiv.org/abs/2507.07966))"
 SKIP_JSONL = re.compile(r"^(errors.*|metrics)\.jsonl$|\.(dp|rank)\d+\.jsonl$")
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+# Where transformers' AutoVideoProcessor reads its settings, first found wins.
+VIDEO_CONFIGS = ("processor_config.json", "video_preprocessor_config.json", "preprocessor_config.json")
 
 
 class PushError(Exception):
@@ -55,12 +60,12 @@ class PushResult:
     commit_url: str | None = None
 
 
-def push_run(run_dir: Path, repo_id: str, private: bool = True, dry_run: bool = False,
-             out: Path | None = None, include_videos: bool = False) -> PushResult:
+def push_run(run_dir: Path, repo_id: str, private: bool = True, dry_run: bool = False, out: Path | None = None,
+             include_videos: bool = False, eval_runs: list[Path] = ()) -> PushResult:
     """Stage `run_dir` for `repo_id`, then upload it unless this is a dry run."""
     from huggingface_hub import HfApi, get_token
 
-    staged = stage_run(run_dir, repo_id, out, include_videos)
+    staged = stage_run(run_dir, repo_id, out, include_videos, eval_runs)
     token = None if dry_run else get_token()
     if dry_run or token is None:
         reason = "--dry-run" if dry_run else "no token: HF_TOKEN is unset and `hf auth login` was not run"
@@ -76,9 +81,12 @@ def push_run(run_dir: Path, repo_id: str, private: bool = True, dry_run: bool = 
     return PushResult(staged, repo_id, None, info.commit_url)
 
 
-def stage_run(run_dir: Path, repo_id: str, out: Path | None = None, include_videos: bool = False) -> Staged:
+def stage_run(run_dir: Path, repo_id: str, out: Path | None = None, include_videos: bool = False,
+              eval_runs: list[Path] = ()) -> Staged:
     """Write the exact folder `push_run` uploads; raise `ValueError` naming the path and reason."""
     from huggingface_hub.utils import validate_repo_id
+
+    from lvr_cli.cards import check_public, dataset_card, model_card, public_text
 
     try:
         validate_repo_id(repo_id)
@@ -97,10 +105,13 @@ def stage_run(run_dir: Path, repo_id: str, out: Path | None = None, include_vide
         kind = "eval"
     elif stage in DATA_STAGES:
         if not data_files(run_dir):
-            raise ValueError(f"{run_dir}: {stage} run without JSONL data files")
+            raise ValueError(f"{run_dir}: {stage} run without JSONL records")
         kind = "dataset"
     else:
         raise ValueError(f"{run_dir}: {stage!r} runs have no final/ model and no JSONL data to push")
+    if eval_runs and kind != "model":
+        raise ValueError(f"--eval-run: {run_dir} is a {stage} run; only sft and rl runs take eval results")
+    evals = [read_eval_run(Path(e), run_dir) for e in eval_runs]
 
     folder = _fresh_folder(run_dir, Path(out) if out else run_dir / "push")
     if kind == "model":
@@ -110,17 +121,20 @@ def stage_run(run_dir: Path, repo_id: str, out: Path | None = None, include_vide
         for src in [*sorted(run_dir.glob("*.png")), run_dir / "metrics.jsonl"]:
             if src.is_file():
                 _place(src, folder / src.name)
-        card = model_card(run_dir, repo_id, recipe, summary, env)
+        video_file = write_video_settings(folder, recipe.get("video") or {})
+        card = model_card(run_dir, repo_id, recipe, summary, env, evals, folder, video_file)
     else:
         files = data_files(run_dir)
-        for src in files:
+        for src in [*files, *sorted(run_dir.glob("*.png"))]:
             _place(src, folder / src.name)
-        for src in [run_dir / "results.json", *sorted(run_dir.glob("*.png"))]:
-            if src.is_file():
-                _place(src, folder / src.name)
+        results = json.loads((run_dir / "results.json").read_text()) if kind == "eval" else {}
+        if results:  # its model and data may be local paths
+            (folder / "results.json").write_text(json.dumps(public(results), indent=2) + "\n")
         videos = _place_videos(run_dir, recipe, files, folder) if include_videos else 0
         report = (run_dir / "report.md").read_text() if kind == "eval" and (run_dir / "report.md").exists() else None
-        card = dataset_card(run_dir, repo_id, recipe, summary, env, files, videos, report)
+        card = dataset_card(run_dir, repo_id, recipe, summary, env, files, videos,
+                            report and public_text(report, recipe, results))
+    check_public(card, [run_dir, *map(Path, eval_runs)])
     (folder / "README.md").unlink(missing_ok=True)  # a README of final/ is a hard link: never write through it
     (folder / "README.md").write_text(card)
     names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
@@ -144,21 +158,61 @@ def read_run(run_dir: Path) -> tuple[dict, dict, dict]:
     return found["recipe.json"], found["summary.json"], found["env.json"]
 
 
+def read_eval_run(eval_dir: Path, run_dir: Path) -> EvalRun:
+    """A finished eval run of `run_dir`'s final/ or one of its checkpoints; `ValueError` (one line) otherwise."""
+    try:
+        recipe, _, env = read_run(eval_dir)
+    except ValueError as e:
+        raise ValueError(f"--eval-run {e}") from None
+    if recipe.get("stage") != "eval" or not (eval_dir / "results.json").is_file():
+        raise ValueError(f"--eval-run {eval_dir}: not a finished eval run (stage {recipe.get('stage')!r}, "
+                         f"results.json {'present' if (eval_dir / 'results.json').is_file() else 'missing'})")
+    model_path = (recipe.get("model") or {}).get("path", "")
+    found = find_local(model_path, anchors_of(eval_dir)) if is_local_model(model_path) else None
+    run = run_dir.resolve()
+    if found == run / "final" or (found and found.parent == run / "checkpoints"):
+        return EvalRun(eval_dir.name, found.name, recipe, json.loads((eval_dir / "results.json").read_text()),
+                       env.get("time", ""))
+    raise ValueError(f"--eval-run {eval_dir}: it evaluated {model_path!r}, not {run_dir}/final or one of its "
+                     "checkpoints")
+
+
 def data_files(run_dir: Path) -> list[Path]:
-    """The run's JSONL data files (top level), without errors, metrics and per-rank shards."""
-    return [p for p in sorted(run_dir.glob("*.jsonl")) if not SKIP_JSONL.search(p.name) and p.stat().st_size]
+    """The run's JSONL files with records (top level), without errors, metrics and per-rank shards."""
+    return [p for p in jsonl_files(run_dir) if file_stats(p)["records"]]
 
 
-def file_stats(path: Path) -> dict:
-    """Records in a JSONL file, per reasoning category, and whether they are QA records."""
-    counts, records, qa = Counter(), 0, True
-    for _, rec in iter_jsonl(path, on_error=lambda *_: None):
-        records += 1
-        qa = qa and "answer" in rec and ("problem" in rec or "question" in rec)
-        cat = rec.get("category") or rec.get("problem_type")
-        if cat:
-            counts[cat if cat in CATEGORIES else "other"] += 1
-    return {"records": records, "categories": dict(counts), "qa": qa and records > 0}
+def jsonl_files(run_dir: Path) -> list[Path]:
+    """The run's JSONL files that could be data, records or not."""
+    return [p for p in sorted(run_dir.glob("*.jsonl")) if not SKIP_JSONL.search(p.name)]
+
+
+def write_video_settings(folder: Path, video: dict) -> str | None:
+    """Write the run's frame sampling and pixel budget where the staged checkpoint's video
+    processor reads them (`VIDEO_CONFIGS`); return that file's name, None without a config.
+
+    A checkpoint with only preprocessor_config.json gets a video_preprocessor_config.json
+    (a copy plus the settings), so images keep their own pixel budget.
+    """
+    name = next((n for n in VIDEO_CONFIGS if (folder / n).is_file() and
+                 (n != "processor_config.json" or "video_processor" in json.loads((folder / n).read_text()))), None)
+    if name is None or not video:
+        return None
+    data = json.loads((folder / name).read_text())
+    config = data["video_processor"] if name == "processor_config.json" else data
+    if name == "preprocessor_config.json":
+        name = "video_preprocessor_config.json"
+    factor = int(config.get("patch_size", 14)) * int(config.get("merge_size", 2))
+    fps = video.get("fps")
+    config.update({  # lvr's sampling (stages/data/video.py) in the keys of transformers' Qwen2-VL video processor
+        "size": {"shortest_edge": factor * factor, "longest_edge": video["max_pixels"]},
+        "min_pixels": factor * factor, "max_pixels": video["max_pixels"], "do_sample_frames": True,
+        "max_frames": video["max_frames"], "min_frames": int(config.get("temporal_patch_size", 2)),
+        "num_frames": None if fps else video["max_frames"], "fps": fps,
+        "cap_pixels_per_frame": False})  # lvr bounds pixels per frame, not per video
+    (folder / name).unlink(missing_ok=True)  # staged files are hard links into the run: never write through them
+    (folder / name).write_text(json.dumps(data, indent=2) + "\n")
+    return name
 
 
 # -- staging --------------------------------------------------------------------------------------
@@ -186,8 +240,8 @@ def _place(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _video_refs(rec: dict, field: str) -> list[str]:
-    refs = rec.get(field) or []
+def _video_refs(rec: dict, key: str) -> list[str]:
+    refs = rec.get(key) or []
     return [refs] if isinstance(refs, str) else [r for r in refs if isinstance(r, str)]
 
 
@@ -207,10 +261,10 @@ def _place_videos(run_dir: Path, recipe: dict, files: list[Path], folder: Path) 
     roots.append(run_dir / "videos")
     placed: set[Path] = set()
     missing = []
-    for field in ("videos", "video"):
+    for key in ("videos", "video"):
         for path in files:
             for _, rec in iter_jsonl(path, on_error=lambda *_: None):
-                for ref in _video_refs(rec, field):
+                for ref in _video_refs(rec, key):
                     if Path(ref).is_absolute() or ".." in Path(ref).parts:
                         raise ValueError(f"{path}: video {ref!r} is not a relative path inside the dataset; "
                                          "push without --include-videos")
@@ -226,139 +280,130 @@ def _place_videos(run_dir: Path, recipe: dict, files: list[Path], folder: Path) 
     return len(placed)
 
 
-# -- cards ------------------------------------------------------------------------------------------
-def model_card(run_dir: Path, repo_id: str, recipe: dict, summary: dict, env: dict) -> str:
-    from huggingface_hub import ModelCardData
-
-    stage, model_path = recipe["stage"], (recipe.get("model") or {}).get("path", "")
-    base = model_path if _is_hub_id(model_path) else None
-    meta = ModelCardData(library_name="transformers", base_model=base, pipeline_tag="image-text-to-text",
-                         tags=["lvr", "video", "reasoning", MODEL_STAGES[stage]])
-    tiny = " (a tiny model built locally by lvr, for demos and tests)" if model_path.startswith("tiny:") else ""
-    what = ("long chain-of-thought supervised fine-tuning (`lvr sft`)" if stage == "sft"
-            else "GRPO reinforcement learning (`lvr rl`)")
-    lines = [f"---\n{meta.to_yaml()}\n---", CARD_MARK, "", f"# {repo_id}", "",
-             f"A long-video reasoning model trained with {what} by lvr, a reproduction of {PAPER}, "
-             f"starting from `{model_path}`{tiny}. It answers with `<think>...</think><answer>...</answer>`.", ""]
-    lines += ["## Results", "", "From the run's `summary.json`:", "", *_table(_scalars(summary))]
-    last = _last_metrics(run_dir / "metrics.jsonl")
-    if last:
-        lines += ["", f"Last record of `metrics.jsonl` (step {last.get('step')}):", "", *_table(_scalars(last))]
-    for png in sorted(run_dir.glob("*.png")):
-        lines += ["", f"![{png.stem}]({png.name})"]
-    lines += ["", "## Data", ""]
-    data_inputs = [("data.input", (recipe.get("data") or {}).get("input")),
-                   ("eval.input", (recipe.get("eval") or {}).get("input"))]
-    for key, path in data_inputs:
-        if path:
-            lines.append(f"- `{key}` = `{path}`: {_describe_counts(Path(path))}")
-    lines += ["", "## Usage", "", "```python", "from transformers import AutoModelForImageTextToText, AutoProcessor",
-              "", f'model = AutoModelForImageTextToText.from_pretrained("{repo_id}")',
-              f'processor = AutoProcessor.from_pretrained("{repo_id}")  # its video processor needs torchvision',
-              "```", "", f'With lvr: `model.path = "{repo_id}"` in an `eval` or `rl` recipe.']
-    lines += _recipe_and_env(recipe, env)
-    return "\n".join(lines) + "\n"
+# -- local paths ----------------------------------------------------------------------------------
+def is_local(value) -> bool:
+    """True for a string naming a file or folder of this machine (not a Hub id, `tiny:` model, URL or text)."""
+    if not isinstance(value, str) or not value or "://" in value or value.startswith("tiny:"):
+        return False
+    if re.search(r"\s", value):  # text; `public` hides the paths inside it
+        return False
+    if value.startswith(("/", "~", "./", "../", "\\")) or re.match(r"[A-Za-z]:[\\/]", value):
+        return True
+    if HUB_ID.fullmatch(value) and not Path(value).exists():
+        return False
+    return "/" in value or "\\" in value
 
 
-def dataset_card(run_dir: Path, repo_id: str, recipe: dict, summary: dict, env: dict, files: list[Path],
-                 videos: int, report: str | None = None) -> str:
-    from huggingface_hub import DatasetCardData
-
-    stats = {p.name: file_stats(p) for p in files}
-    qa = [n for n, s in stats.items() if s["qa"]]
-    configs = ([{"config_name": "default", "data_files": [{"split": _split(n), "path": n} for n in qa]}] if qa else [])
-    configs += [{"config_name": _split(n), "data_files": n} for n in stats if n not in qa]
-    meta = DatasetCardData(pretty_name=repo_id.split("/")[-1], tags=["lvr", "video", "reasoning", recipe["stage"]],
-                           task_categories=["video-text-to-text"], configs=configs)
-    stage, lvr = recipe["stage"], f"lvr reproduces {PAPER}"
-    if stage == "eval":
-        about = (f"Evaluation of `{(recipe.get('model') or {}).get('path')}` on `{(recipe.get('data') or {}).get('input')}`"
-                 f" by `lvr eval` ({lvr}): one prediction per item and frame count, `results.json`, the report below.")
-    else:
-        about = (f"Written by `lvr {stage}` ({lvr}). QA records use the LongVideo-Reason fields: "
-                 "`problem_id`, `problem` (question with `A. ...` option lines), `problem_type` "
-                 "(temporal | goal | spatial | plot), `videos`, `reasoning`, `answer`.")
-    lines = [f"---\n{meta.to_yaml()}\n---", CARD_MARK, "", f"# {repo_id}", "", about, ""]
-    lines += ["## Files and records per reasoning category", "",
-              "| file | records | " + " | ".join(CATEGORIES) + " | other |", "|---|---:|" + "---:|" * (len(CATEGORIES) + 1)]
-    for name, s in stats.items():
-        cats = s["categories"]
-        cells = [str(cats.get(c, 0)) if cats else "-" for c in (*CATEGORIES, "other")]
-        lines.append(f"| `{name}` | {s['records']} | " + " | ".join(cells) + " |")
-    if videos:
-        lines += ["", f"{videos} video file(s) included, at the paths the records name."]
-    elif stage != "eval":
-        lines += ["", "Videos are not included; the records name them by path (push with `--include-videos` to add them)."]
-    empty = [p.name for p in sorted(run_dir.glob("*.jsonl")) if not SKIP_JSONL.search(p.name) and not p.stat().st_size]
-    if empty:
-        lines += ["", f"Empty, so not uploaded: {', '.join(f'`{n}`' for n in empty)}."]
-    if qa:
-        split = "train" if "train.jsonl" in qa else _split(qa[0])
-        lines += ["", "```python", "from datasets import load_dataset", "",
-                  f'ds = load_dataset("{repo_id}", split="{split}")', "```"]
-    if not report:  # an eval report shows its own plot
-        lines += [f"\n![{png.stem}]({png.name})" for png in sorted(run_dir.glob("*.png"))]
-    if report:
-        body = report.split("\n", 1)[-1] if report.startswith("# ") else report  # the card has its own title
-        lines += ["", "## Report", "", body.replace("\n## ", "\n### ").strip()]
-    lines += ["", "## Run summary", "", *_table(_scalars(summary))]
-    lines += _recipe_and_env(recipe, env)
-    return "\n".join(lines) + "\n"
+def is_local_model(path: str) -> bool:
+    """A `model.path` naming a folder of this machine (transformers, too, prefers a folder to a Hub id)."""
+    return is_local(path) or (bool(path) and not path.startswith("tiny:") and Path(path).is_dir())
 
 
-def _recipe_and_env(recipe: dict, env: dict) -> list[str]:
-    import tomli_w
-
-    versions = ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items() if v)
-    devices = env.get("devices") or {}
-    cuda = ", ".join(devices.get("cuda") or []) or f"CPU only ({devices.get('cpu_count')} cores)"
-    return ["", "## Recipe", "", "The resolved recipe (`recipe.json`; null values, which are the schema "
-            "defaults, left out):", "", "```toml", tomli_w.dumps(_without_nulls(recipe)).strip(), "```",
-            "", "## Environment", "", f"- python {env.get('python')}; {versions}",
-            f"- git commit: `{env.get('git_commit')}`", f"- world size {env.get('world_size')}; devices: {cuda}",
-            f"- recipe sha256: `{env.get('recipe_sha256')}`; started {env.get('time')}"]
+def public_name(value: str) -> str:
+    return f"<local: {PurePath(value).name or value}>"
 
 
-def _describe_counts(path: Path) -> str:
-    if not path.is_file():
-        return "not on this machine"
-    s = file_stats(path)
-    cats = ", ".join(f"{c} {s['categories'].get(c, 0)}" for c in CATEGORIES if s["categories"].get(c))
-    return f"{s['records']} records" + (f" ({cats})" if cats else "")
-
-
-def _last_metrics(path: Path) -> dict:
-    last = {}
-    if path.exists():
-        for _, rec in iter_jsonl(path, on_error=lambda *_: None):
-            last = rec
-    return last
-
-
-def _scalars(data: dict, prefix: str = "") -> dict:
-    """Scalar values of `data`, nested dicts flattened as `a.b`."""
-    out = {}
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out.update(_scalars(v, f"{prefix}{k}."))
-        elif not isinstance(v, list):
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _table(values: dict) -> list[str]:
-    return ["| metric | value |", "|---|---:|", *(f"| `{k}` | {json.dumps(v)} |" for k, v in values.items())]
-
-
-def _without_nulls(data):
+def public(data):
+    """`data` with every local path replaced by its `public_name`, also inside text (after a space)."""
     if isinstance(data, dict):
-        return {k: _without_nulls(v) for k, v in data.items() if v is not None}
-    return data
+        return {k: public(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [public(v) for v in data]
+    if isinstance(data, str) and re.search(r"\s", data):
+        return re.sub(r"(?<!\S)(~|\.{1,2})?/[^\s`'\"]+", lambda m: public_name(m.group(0)), data)
+    return public_name(data) if is_local(data) else data
 
 
-def _is_hub_id(path: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", path)) and not Path(path).exists()
+def find_local(path: str, anchors: list[Path]) -> Path | None:
+    """The existing folder or file `path` names, relative paths tried against each anchor."""
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return p.resolve() if p.exists() else None
+    return next(((a / p).resolve() for a in anchors if (a / p).exists()), None)
 
 
-def _split(name: str) -> str:
-    return re.sub(r"\W", "_", Path(name).stem)
+def anchors_of(run_dir: Path) -> list[Path]:
+    """Where a run's relative paths may start: the working directory, then the run's parents
+    (a run at runs/<stage>/<name> was started two levels up)."""
+    return [Path.cwd(), *Path(run_dir).resolve().parents]
+
+
+def run_of(folder: Path) -> Path | None:
+    """The lvr run directory that wrote checkpoint or data `folder` (final/, checkpoints/step_N/, a file)."""
+    for d in (folder.parent, folder.parent.parent):
+        if (d / "recipe.json").is_file():
+            return d
+    return None
+
+
+def hub_dataset(path: str) -> str | None:
+    """The Hub id of a data file inside the Hugging Face cache (`datasets--ORG--NAME`), else None."""
+    part = next((p for p in PurePath(path).parts if p.startswith("datasets--")), None)
+    return "/".join(part.split("--")[1:3]) if part and part.count("--") == 2 else None
+
+
+# -- lineage ---------------------------------------------------------------------------------------
+@dataclass
+class Step:
+    """An lvr run that trained the weights on the way from the base model."""
+    name: str  # its folder name (by default the recipe's name)
+    stage: str
+    checkpoint: str  # "final" or "step_N"
+    recipe: dict
+    anchors: list[Path]
+
+
+@dataclass
+class Lineage:
+    base: str | None  # the Hub id or `tiny:` model at the root; None when not known
+    steps: list[Step] = field(default_factory=list)  # lvr runs before this one, oldest first
+    unknown: str = ""  # why the root is not known
+
+
+def trace_model(model_path: str, anchors: list[Path]) -> Lineage:
+    """Follow `model.path` through local lvr checkpoints (their run's recipe.json) to its root."""
+    steps, seen = [], set()
+    while is_local_model(model_path):
+        folder = find_local(model_path, anchors)
+        run = run_of(folder) if folder else None
+        if folder is None or run is None or run in seen:
+            why = ("is not on this machine" if folder is None else
+                   "was not written by an lvr run" if run is None else "is part of a loop of runs")
+            return Lineage(None, steps[::-1], f"the local checkpoint {public_name(model_path)} {why}")
+        seen.add(run)
+        recipe = json.loads((run / "recipe.json").read_text())
+        checkpoint = "final" if folder == run / "final" else folder.name
+        steps.append(Step(run.name, recipe.get("stage", "?"), checkpoint, recipe, anchors_of(run)))
+        model_path, anchors = (recipe.get("model") or {}).get("path", ""), anchors_of(run)
+    return Lineage(model_path or None, steps[::-1])
+
+
+def file_stats(path: Path) -> dict:
+    """Records in a JSONL file, per reasoning category, and whether they are QA records."""
+    counts, records, qa = Counter(), 0, True
+    for _, rec in iter_jsonl(path, on_error=lambda *_: None):
+        records += 1
+        qa = qa and "answer" in rec and ("problem" in rec or "question" in rec)
+        cat = rec.get("category") or rec.get("problem_type")
+        if cat:
+            counts[cat if cat in CATEGORIES else "other"] += 1
+    return {"records": records, "categories": dict(counts), "qa": qa and records > 0}
+
+
+@dataclass
+class EvalRun:
+    """A finished `lvr eval` run of the pushed run's `final/` or one of its checkpoints."""
+    name: str
+    checkpoint: str  # "final" or "step_N"
+    recipe: dict
+    results: dict
+    time: str  # env.json's start time, ISO 8601
+
+    def dataset(self) -> dict:
+        """EvalResult dataset fields: a Hub id, or the `json` builder and the local file's name."""
+        path = str((self.recipe.get("data") or {}).get("input") or "")
+        name, formats = PurePath(path).name, ", ".join(self.results.get("formats") or [])
+        if hub := hub_dataset(path):
+            return {"dataset_type": hub, "dataset_name": f"{hub} ({formats})"}
+        return {"dataset_type": "json", "dataset_config": PurePath(path).stem, "dataset_args": {"data_files": name},
+                "dataset_name": f"{name} ({formats}, {self.results.get('items')} items, a local file)"}
