@@ -81,12 +81,12 @@ def run_stage(stage: str, stage_run, path: Path, overrides: list[str] | None,
 
 
 def push_and_report(run_dir: Path, repo_id: str, private: bool, dry_run: bool = False, out: Path | None = None,
-                    include_videos: bool = False, code: int = 2) -> None:
+                    include_videos: bool = False, code: int = 2, eval_runs: list[Path] = ()) -> None:
     """Push a run (or stage it, on a dry run) and say what happened in one line."""
     from lvr_cli.hub import PushError, push_run
 
     try:
-        r = push_run(run_dir, repo_id, private, dry_run, out, include_videos)
+        r = push_run(run_dir, repo_id, private, dry_run, out, include_videos, eval_runs)
     except ValueError as e:  # a run that cannot be pushed (`code` 1 after a stage, whose run is done)
         fail(str(e), code)
     except PushError as e:
@@ -254,9 +254,12 @@ def push(run_dir: Annotated[Path, typer.Argument(help="a finished run directory"
          private: Annotated[bool, typer.Option("--private/--public", help="visibility of a new repo")] = True,
          out: Annotated[Optional[Path], typer.Option(help="staging folder (default RUN_DIR/push)")] = None,
          include_videos: Annotated[bool, typer.Option("--include-videos", help="datasets: add the videos")] = False,
+         eval_run: Annotated[Optional[list[Path]], typer.Option(
+             "--eval-run", help="models: an eval run of RUN_DIR's final/ or a checkpoint (repeatable); the latest "
+             "of final/ per dataset goes into the card's model-index", show_default=False)] = None,
          ) -> None:
     """Upload a run to the Hub with a card: a model (sft, rl) or a dataset (data stages, eval)."""
-    push_and_report(run_dir, repo_id, private, dry_run, out, include_videos)
+    push_and_report(run_dir, repo_id, private, dry_run, out, include_videos, eval_runs=eval_run or [])
 
 
 @app.command()
