@@ -158,10 +158,11 @@ def run(recipe, run) -> dict:
     begin = sum(shares[:grid.dp_rank])
     mine = todo[begin:begin + shares[grid.dp_rank]]
     rounds = max(shares) if shares else 0
-    old_errors = _recorded_errors(run) if grid.is_main else set()
+    if grid.is_main:  # errors.jsonl holds what is failed now: a killed run's stale lines go
+        run.settle_errors(done.__contains__)
     failed_items = 0
     for key, why in errors if grid.is_main else []:
-        _record_error(run, old_errors, key, why)
+        run.error(key, why)
     last_video = None
     with run.progress("filter questions", len(todo)) as bar:
         for r in range(rounds):
@@ -175,7 +176,7 @@ def run(recipe, run) -> dict:
                 bar.advance()
                 if "error" in result:
                     failed_items += 1
-                    _record_error(run, old_errors, result["key"], result["error"])
+                    run.error(result["key"], result["error"])
                     continue
                 for s in result["samples"]:
                     run.sample(s)
@@ -189,6 +190,8 @@ def run(recipe, run) -> dict:
     # 4. the split and its statistics, from the inputs and every score (this run's and earlier)
     rows = read_jsonl(run.file(SCORES), on_error=lambda *_: None) if run.file(SCORES).exists() else []
     scores = {rec["problem_id"]: rec for rec in rows}
+    # the run tried every unscored item: what is still listed and not recorded again is stale
+    run.settle_errors(lambda key: key in scores, retried=lambda key: True)
     rl, sft, dropped = split_by_band(items, scores, spec.band_low, spec.band_high)
     write_jsonl(run.file("rl.jsonl"), rl)
     write_jsonl(run.file("sft.jsonl"), sft)
@@ -292,20 +295,6 @@ def _finished_keys(run) -> set[str]:
         if len(kept) != len(rows) or samples.read_bytes()[-1:] not in (b"\n", b""):
             write_jsonl(samples, kept)
     return done
-
-
-def _recorded_errors(run) -> set[tuple[str, str]]:
-    path = run.file("errors.jsonl")
-    if not path.exists():
-        return set()
-    return {(str(e.get("key")), str(e.get("reason"))) for e in read_jsonl(path, on_error=lambda *_: None)}
-
-
-def _record_error(run, recorded: set, key: str, reason: str) -> None:
-    """errors.jsonl gets each (key, reason) once, however many times the run resumed."""
-    if (key, reason) not in recorded:
-        recorded.add((key, reason))
-        run.error(key, reason)
 
 
 def _sum_counters(counters: dict | None, grid: Grid) -> dict:
