@@ -49,7 +49,13 @@ def run_stage(stage: str, stage_run, path: Path, overrides: list[str] | None,
     from lvr_cli.rundir import RunDir, print_summary
 
     recipe = load(path, overrides, stage)
-    if relaunch_needed(recipe):
+    from lvr_cli.launch import relaunch, relaunch_needed
+
+    try:
+        needed = relaunch_needed(recipe)
+    except ValueError as e:
+        fail(f"{path}: {e}")
+    if needed:
         raise typer.Exit(relaunch(recipe))
     try:
         run = RunDir(default_output_dir(recipe, path), recipe).open(retry_failed=retry_failed)
@@ -96,31 +102,6 @@ def push_and_report(run_dir: Path, repo_id: str, private: bool, dry_run: bool = 
         typer.echo(f"dry run ({r.dry_run_reason}): staged {what} in {r.staged.folder}; nothing uploaded")
     else:
         typer.echo(f"pushed {what}: {r.commit_url}")
-
-
-def relaunch_needed(recipe) -> bool:
-    """True when the recipe asks for several processes and we are not already one of them."""
-    import os
-
-    return recipe.world_size() > 1 and "LOCAL_RANK" not in os.environ
-
-
-def relaunch(recipe) -> int:
-    """Run this same command under `torch.distributed.run` with the recipe's process count."""
-    import os
-    import subprocess
-
-    from stages.mrsp.dist import free_port
-
-    launch = recipe.launch
-    port = free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={launch.nproc_per_node}",
-           f"--nnodes={launch.nnodes}", f"--master_port={os.environ.get('MASTER_PORT', port)}",
-           "--module", "lvr_cli.main", *sys.argv[1:]]
-    if launch.nnodes > 1:
-        typer.echo("launch.nnodes > 1: run `torchrun` yourself on every node (see README)", err=True)
-        return 2
-    return subprocess.call(cmd)
 
 
 @app.command()

@@ -36,6 +36,11 @@ class Recipe(Section):
         mrsp = getattr(self, "mrsp", None)
         if isinstance(mrsp, (MrspSection, BenchMrspSection)) and self.world_size() % mrsp.sp_size:
             raise ValueError(f"mrsp.sp_size: {mrsp.sp_size} does not divide the world size {self.world_size()}")
+        launch = getattr(self, "launch", None)
+        if isinstance(mrsp, (MrspSection, BenchMrspSection)) and isinstance(launch, LaunchSection) \
+                and launch.nnodes > 1 and launch.nproc_per_node % mrsp.sp_size:
+            raise ValueError(f"mrsp.sp_size: {mrsp.sp_size} does not divide launch.nproc_per_node = "
+                             f"{launch.nproc_per_node} (an SP group's all-to-alls stay within a node)")
         return self
 
 

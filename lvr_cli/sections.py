@@ -55,8 +55,19 @@ class OutputSection(Section):
 class LaunchSection(Section):
     nproc_per_node: PosInt = 1
     nnodes: PosInt = 1
+    node_rank: NonNegInt = 0  # this node's place, 0 .. nnodes - 1 (node 0 hosts the rendezvous)
+    master_addr: str = "127.0.0.1"  # node 0's address, as the other nodes reach it
+    master_port: Annotated[int, Field(ge=1, le=65535)] | None = None  # None: a free port (one node only)
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     timeout_s: PosFloat = 300.0  # every collective
+
+    @model_validator(mode="after")
+    def _nodes(self):
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank: {self.node_rank} is not below nnodes = {self.nnodes}")
+        if self.nnodes > 1 and self.master_port is None:
+            raise ValueError("master_port: required when nnodes > 1 (every node must name the same port)")
+        return self
 
 
 class MrspSection(Section):
@@ -140,6 +151,13 @@ class TrainSection(Section):
 class DeepspeedSection(Section):
     enabled: bool = True
     zero_stage: Literal[0, 1, 2, 3] = 2
+
+    @model_validator(mode="after")
+    def _stage(self):
+        if self.enabled and self.zero_stage == 3:  # named so the refusal says why
+            raise ValueError("zero_stage: 3 is not supported yet (the hf rollout engine and checkpoints need "
+                             "gathered parameters); use 2, which shards optimizer state and gradients")
+        return self
 
 
 class CheckpointSection(Section):

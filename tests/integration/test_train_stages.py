@@ -110,6 +110,25 @@ def test_rl_data_parallel_and_vanilla_sp_match_one_process(rl_runs):
     _same_training(vanilla, vanilla_sp2)
 
 
+def test_rl_on_two_nodes_matches_one_node_of_two_processes(rl_runs):
+    """Two "nodes" on localhost (node ranks 0 and 1, one process each, one rendezvous port),
+    each started as a user would on its node, train as one node with two processes."""
+    from stages.mrsp.dist import free_port
+
+    base, recipe = rl_runs
+    if not (base / "dp2" / "summary.json").exists():
+        lvr_ok("rl", recipe, f"output.dir={json.dumps(str(base / 'dp2'))}", "launch.nproc_per_node=2")
+    port, out = free_port(), base / "nodes2"
+    exe = Path(sys.executable).with_name("lvr")
+    nodes = [subprocess.Popen([str(exe), "rl", str(recipe), f"output.dir={json.dumps(str(out))}", "launch.nnodes=2",
+                               f"launch.node_rank={r}", f"launch.master_port={port}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outputs = [p.communicate(timeout=600) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], [err[-2000:] for _, err in outputs]
+    _same_training(metrics(base / "dp2"), metrics(out))
+    assert json.loads((out / "env.json").read_text())["world_size"] == 2
+
+
 def test_rl_sp2_matches_sp1(rl_runs):
     base, _ = rl_runs
     one, two = metrics(base / "sp1"), metrics(base / "sp2")

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from lvr_cli.recipes import STAGES, RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGE_MODULES = {"synth": ["stages/synth.py", "stages/data/synth.py", "stages/data/synth_render.py"],
+STAGE_MODULES = {"synth": ["stages/synth.py", "stages/data/synth*.py"],
                  "caption": ["stages/caption.py"], "generate-qa": ["stages/generate_qa.py"],
                  "filter": ["stages/filter.py"], "sft": ["stages/sft.py"], "rl": ["stages/rl.py"],
                  "eval": ["stages/eval.py", "stages/evalkit/*.py"], "bench-mrsp": ["stages/bench_mrsp.py"],
@@ -87,6 +87,11 @@ def test_bench_refuses_keys_it_does_not_read(key):
 def test_types_are_strict(override, message):
     with pytest.raises(RecipeError, match=re.escape(message)):
         load_recipe(ROOT / "recipes/demo/sft.toml", [override])
+
+
+def test_zero_3_is_refused_with_its_reason():
+    with pytest.raises(RecipeError, match=r"deepspeed.zero_stage: 3 is not supported yet"):
+        load_recipe(ROOT / "recipes/demo/sft.toml", ["deepspeed.zero_stage=3"])
 
 
 def test_ints_still_fill_float_keys_and_arrays_fill_tuples():
