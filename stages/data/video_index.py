@@ -39,10 +39,13 @@ class VideoIndex:
                     self.by_name.setdefault(f, []).append(str(p))
                     self.by_stem.setdefault(p.stem, []).append(str(p))
 
-    def find(self, name: str, by_stem: bool = False) -> str | None:
-        """The one file named `name` (or with stem `name`), None when there is none; raise
-        `AmbiguousVideoError` when there are several."""
+    def find(self, name: str, by_stem: bool = False, folder_hint: str | None = None) -> str | None:
+        """The one file named `name` (or with stem `name`), None when there is none; of several,
+        the one whose folder's name ends with `folder_hint` (MLVU's `<N>_<task type>/`), else
+        raise `AmbiguousVideoError`."""
         hits = (self.by_stem if by_stem else self.by_name).get(name, [])
+        hinted = [h for h in hits if folder_hint and Path(h).parent.name.endswith(folder_hint)]
+        hits = hinted if len(hinted) == 1 else hits
         if len(hits) > 1:
             shown = ", ".join(hits[:3]) + (f" and {len(hits) - 3} more" if len(hits) > 3 else "")
             raise AmbiguousVideoError(f"video {name!r} is ambiguous under {self.root}: {shown}")
@@ -55,15 +58,18 @@ def video_index(root: str) -> VideoIndex:
     return VideoIndex(root)
 
 
-def find_video(video_dir: str | Path, ref: str | Path, stem: str | None = None) -> Path:
+def find_video(video_dir: str | Path, ref: str | Path, stem: str | None = None,
+               folder_hint: str | None = None) -> Path:
     """The file a record's video `ref` names: itself when absolute, `video_dir/ref` when it
     exists, else the one video below `video_dir` with `ref`'s file name (or, given `stem`,
-    with that stem and any video suffix). Not found: `video_dir/ref`, whose decoding then
-    fails naming it. Raises `AmbiguousVideoError` for a name found twice."""
+    with that stem and any video suffix; `folder_hint`: see `VideoIndex.find`). Not found:
+    `video_dir/ref`, whose decoding then fails naming it. Raises `AmbiguousVideoError` for a
+    name found twice."""
     ref = Path(ref)
     direct = ref if ref.is_absolute() else Path(video_dir) / ref
     if ref.is_absolute() or direct.exists() or not Path(video_dir).is_dir():
         return direct
     index = video_index(str(Path(video_dir).resolve()))
-    found = index.find(ref.name) or (index.find(stem, by_stem=True) if stem else None)
+    found = index.find(ref.name, folder_hint=folder_hint) or (
+        index.find(stem, by_stem=True, folder_hint=folder_hint) if stem else None)
     return Path(found) if found else direct
