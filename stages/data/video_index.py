@@ -41,7 +41,7 @@ class VideoIndex:
 
     def find(self, name: str, by_stem: bool = False, folder_hint: str | None = None) -> str | None:
         """The one file named `name` (or with stem `name`), None when there is none; of several,
-        the one whose folder's name ends with `folder_hint` (MLVU's `<N>_<task type>/`), else
+        the one whose folder's name ends with `folder_hint` (MLVU's `video/<N>_<task>/`), else
         raise `AmbiguousVideoError`."""
         hits = (self.by_stem if by_stem else self.by_name).get(name, [])
         hinted = [h for h in hits if folder_hint and Path(h).parent.name.endswith(folder_hint)]

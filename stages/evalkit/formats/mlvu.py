@@ -10,10 +10,13 @@ The answer is the text of the right candidate. Reported per `question_type` (the
 plotQA, findNeedle, ego, count, order, anomaly_reco, topic_reasoning), with the mean over
 task types, MLVU's M-Avg. The open-ended tasks (sub_scene, summary) have no candidates and
 are refused item by item. Point `data.input` at `MLVU/json/*.json` and `data.video_dir` at
-`MLVU/video`: a video is found in its task's folder.
+`MLVU/video`: a video is found by name, and a name two task folders share in the folder named
+like its json file (`json/2_needle.json` -> `video/2_needle/`).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from stages.data.records import RecordError
 from stages.evalkit.formats.base import EvalItem, ReadContext, answer_letter, options_dict, require
@@ -32,5 +35,7 @@ def item(rec: dict, ctx: ReadContext, where: str) -> EvalItem:
     task = rec.get("question_type")
     groups = {"question_type": str(task)} if task is not None else {}
     key = rec.get("uid") or rec.get("question_id")
+    task_file = Path(where.rsplit(":", 1)[0]).stem  # json/2_needle.json's videos are in video/2_needle/
     return EvalItem(str(key) if key is not None else where, str(rec["question"]).strip(), options,
-                    answer_letter(rec["answer"], options), ctx.video(rec["video"], folder_hint=task), groups, "mlvu")
+                    answer_letter(rec["answer"], options), ctx.video(rec["video"], folder_hint=task_file), groups,
+                    "mlvu")
