@@ -29,7 +29,8 @@ SUBTITLED_SUFFIX = " +subtitles"  # the key of an item's with-subtitles reading
 
 
 class EmptyEvalSetError(RecordError):
-    """An eval input file with no records (empty, or only blank lines): a bad input, exit 2."""
+    """An eval input without records (an empty file, only blank lines, a glob matching no file):
+    a bad input, exit 2."""
 
 
 def read_rows(path: Path, on_error: Callable[[str, str], None]) -> list[tuple[str, dict]]:
@@ -67,7 +68,7 @@ def load_items(data, on_error: Callable[[str, str], None], fields=None, subtitle
     VideoMME item's with-subtitles reading after the items (`with_subtitles`)."""
     files = sorted(glob.glob(data.input)) if any(c in data.input for c in "*?[") else [data.input]
     if not files:
-        raise FileNotFoundError(f"data.input: {data.input}: no file matches")
+        raise EmptyEvalSetError(f"data.input: {data.input}: no file matches")
     rows = [row for f in files for row in read_rows(Path(f), on_error)]
     rows = rows[:data.limit] if data.limit else rows
     items, seen = [], set()

@@ -370,3 +370,21 @@ def test_groups_in_their_own_order_with_the_mean_over_groups():
                "max_new_tokens": 8, "failed": 0, "by_frames": {"8": at}}
     assert "| mean of the 2 groups | | | 33.3 |" in report.report_markdown(results, None)
     assert report.summary_dict(results)["by_question_type_n"] == {"findNeedle": 1, "plotQA": 3}
+
+
+def test_a_glob_that_matches_no_file_is_refused_in_one_line(tmp_path):
+    with pytest.raises(ev.EmptyEvalSetError, match=r"^data.input: .*/MLVU/json/\*.json: no file matches$"):
+        ev.load_items(data(tmp_path / "MLVU" / "json" / "*.json"), lambda *_: None)
+
+
+def test_shipped_benchmark_recipes_validate():
+    root = Path(__file__).resolve().parents[2] / "recipes" / "qwen2_5_vl_7b"
+    long = load_recipe(root / "eval_8k.toml", [])
+    assert (long.video.max_frames, long.mrsp.sp_size, long.world_size(), long.mrsp.enabled) == (8192, 8, 8, True)
+    # 32 LLM tokens per frame: 8,192 frames are 262,144 video tokens, 32,768 per GPU
+    assert long.video.max_pixels // (28 * 28) * 8192 // 2 == 262_144
+    formats = {name: load_recipe(root / f"{name}.toml", []).data.format
+               for name in ("eval", "eval_videomme", "eval_videomme_subtitles", "eval_longvideobench", "eval_mlvu")}
+    assert formats == {"eval": "longvideo-reason", "eval_videomme": "videomme", "eval_videomme_subtitles": "videomme",
+                       "eval_longvideobench": "longvideobench", "eval_mlvu": "mlvu"}
+    assert load_recipe(root / "eval_videomme_subtitles.toml", []).eval.subtitles is True
