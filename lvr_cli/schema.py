@@ -276,13 +276,14 @@ class EvalDataSection(DataSection):
     format: Literal[("auto", *FORMATS)] = "auto"
 
 
-class EvalFields(Section):  # [eval.fields]: the field names of a layout lvr does not know (data.format = "fields")
+class EvalFields(Section):  # [eval.fields]: which field holds what, in a layout lvr does not know
     question: str
-    answer: str  # a letter, the right option's text, its 0-based index, or the name of its option field
-    video: str  # relative to data.video_dir, or a file name found below it
-    options: str | list[str] | None = None  # one field (a list or a dict), one field per option, or None: A. lines in the question
+    answer: str  # holds a letter, the right option's text, its 0-based index, or the name of its option field
+    video: str  # holds a path relative to data.video_dir, or a file name found below it
+    # one field holding a list or a dict, one field per option, or None: `A. ...` lines in the question
+    options: str | list[str] | None = None
     key: str | None = None  # None: file:line
-    groups: list[str] = []  # reported as by_<group>
+    groups: list[str] = []  # fields reported as by_<field>
 
     @model_validator(mode="after")
     def _groups(self):
@@ -294,7 +295,7 @@ class EvalFields(Section):  # [eval.fields]: the field names of a layout lvr doe
 
 class EvalSection(Section):
     blind: bool = False  # also decode every item with the video left out: same model and prompt, a baseline
-    subtitles: bool = False  # VideoMME: also decode every item with its subtitles in the prompt (the w_subtitle protocol)
+    subtitles: bool = False  # VideoMME: also ask every item with its subtitle lines (the w_subtitle protocol)
     fields: EvalFields | None = None
 
 

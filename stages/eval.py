@@ -1,9 +1,13 @@
-"""`lvr eval`: multiple-choice accuracy on long videos, per category (LongVideo-Reason) or
-per duration and task type (VideoMME), optionally swept over the number of frames.
+"""`lvr eval`: multiple-choice accuracy on long videos, per each benchmark's own groups
+(LongVideo-Reason: category; VideoMME: duration, task type, without and with subtitles;
+LongVideoBench: duration group, question category; MLVU: task type), optionally swept over
+the number of frames.
 
-Top to bottom: read the eval set (LongVideo-Reason JSONL, or the VideoMME layout as JSONL
-or parquet) into `EvalItem`s -> for each frame count, the data-parallel ranks take their
-share of the items in batches of `generation.batch_per_rank`, sample the video, decode one
+Top to bottom: read the eval set as its benchmark published it (`evalkit/formats/`: JSONL, a
+JSON array or parquet; any other layout through `[eval.fields]`) into `EvalItem`s -> for each
+frame count, the data-parallel ranks take their share of the items in batches of
+`generation.batch_per_rank`, sample the video (and, for a with-subtitles item, put the
+subtitle lines at the sampled frames before the question: `evalkit/subtitles.py`), decode one
 response each (greedy by default) -> score it two ways -> `predictions.jsonl`, resumable by
 (key, frames) -> `results.json`, `report.md`, `accuracy_vs_frames.png`. The reading, scoring,
 statistics and report live in `stages/evalkit/`; this module decodes.

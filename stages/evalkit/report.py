@@ -147,7 +147,8 @@ def ci_text(ci, digits: int = 4) -> str | None:
 def summary_dict(results: dict) -> dict:
     """The flat stage summary at the largest frame count: n, accuracy (lenient) and
     accuracy_strict with their `_ci95`, well-formed and format shares, the majority-letter and
-    blind baselines, and per group `by_<field>` (accuracy), `by_<field>_ci95`, `by_<field>_n`."""
+    blind baselines, per group `by_<field>` (accuracy), `by_<field>_ci95`, `by_<field>_n` and
+    `mean_over_<field>`, and with subtitles `accuracy_with_subtitles` (+ per duration)."""
     by = results["by_frames"]
     top = max(by, key=int) if by else None
     last = by[top] if by else {"overall": score([]), "unparsed": 0}
@@ -169,6 +170,9 @@ def summary_dict(results: dict) -> dict:
                           for v, s in groups.items()}
         out[f"by_{f}_ci95"] = {v: ci_text(s["ci95"]) for v, s in groups.items()}
         out[f"by_{f}_n"] = {v: s["total"] for v, s in groups.items()}
+        mean = last.get("mean_over_groups", {}).get(f)
+        if mean and mean["groups"] > 1 and mean["accuracy"] is not None:  # MLVU's M-Avg for question_type
+            out[f"mean_over_{f}"] = round(mean["accuracy"], 4)
     subs = results.get("with_subtitles", {}).get(top) if top else None
     if subs:
         out |= {"accuracy_with_subtitles": subs["overall"]["accuracy"],

@@ -369,7 +369,9 @@ def test_groups_in_their_own_order_with_the_mean_over_groups():
     results = {"model": "m", "data": "d", "formats": ["mlvu"], "items": 4, "think": True, "temperature": 0.0,
                "max_new_tokens": 8, "failed": 0, "by_frames": {"8": at}}
     assert "| mean of the 2 groups | | | 33.3 |" in report.report_markdown(results, None)
-    assert report.summary_dict(results)["by_question_type_n"] == {"findNeedle": 1, "plotQA": 3}
+    summary = report.summary_dict(results)
+    assert summary["by_question_type_n"] == {"findNeedle": 1, "plotQA": 3}
+    assert summary["mean_over_question_type"] == pytest.approx(0.3333)
 
 
 def test_a_glob_that_matches_no_file_is_refused_in_one_line(tmp_path):

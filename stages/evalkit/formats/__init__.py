@@ -1,10 +1,10 @@
 """Eval-set layouts, one module per benchmark: each `item(record, ctx, where) -> EvalItem`
-and, for `data.format = "auto"`, `detect(record)`. `READERS` and `detect` are the registry."""
+and, for `data.format = "auto"`, `detect(record)`. `READERS` (one per name of
+`base.FORMATS`) and `detect` are the registry."""
 
 from __future__ import annotations
 
 from stages.evalkit.formats import fields, longvideo_reason, longvideobench, mlvu, videomme
-from stages.evalkit.formats.base import FORMATS  # noqa: F401 (the names READERS keys)
 
 READERS = {"longvideo-reason": longvideo_reason.item, "videomme": videomme.item,
            "longvideobench": longvideobench.item, "mlvu": mlvu.item, "fields": fields.item}
