@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from stages.data.records import CATEGORIES
+from stages.evalkit.formats.base import FORMATS
+from stages.evalkit.scoring import PREDICTION_FIELDS
 from lvr_cli.sections import (SCHEMA_VERSION, BackendSection, CheckpointSection, DataSection,  # noqa: F401
                               DeepspeedSection, Fraction, HubSection, LaunchSection, ModelSection, MrspSection,
                               NonNegInt, OptimSection, OutputSection, PosFloat, PosInt, PromptSection, RecipeError,
@@ -275,11 +277,31 @@ class EvalVideoSection(VideoSection):
 
 
 class EvalDataSection(DataSection):
-    format: Literal["auto", "longvideo-reason", "videomme"] = "auto"
+    # the layout (stages/evalkit/formats/); auto: told per record by its fields
+    format: Literal[("auto", *FORMATS)] = "auto"
+
+
+class EvalFields(Section):  # [eval.fields]: which field holds what, in a layout lvr does not know
+    question: str
+    answer: str  # holds a letter, the right option's text, its 0-based index, or the name of its option field
+    video: str  # holds a path relative to data.video_dir, or a file name found below it
+    # one field holding a list or a dict, one field per option, or None: `A. ...` lines in the question
+    options: str | list[str] | None = None
+    key: str | None = None  # None: file:line
+    groups: list[str] = []  # fields reported as by_<field>
+
+    @model_validator(mode="after")
+    def _groups(self):
+        taken = [g for g in self.groups if g in PREDICTION_FIELDS]
+        if taken:
+            raise ValueError(f"groups: {', '.join(taken)} would overwrite a prediction row's own field of that name")
+        return self
 
 
 class EvalSection(Section):
     blind: bool = False  # also decode every item with the video left out: same model and prompt, a baseline
+    subtitles: bool = False  # VideoMME: also ask every item with its subtitle lines (the w_subtitle protocol)
+    fields: EvalFields | None = None
 
 
 class EvalRecipe(Recipe):
@@ -292,6 +314,16 @@ class EvalRecipe(Recipe):
     generation: GenerationSection = GenerationSection()
     mrsp: MrspSection = MrspSection()
     launch: LaunchSection = LaunchSection()
+
+    @model_validator(mode="after")
+    def _fields_format(self):
+        fmt = self.data.format
+        if self.eval.fields is None and fmt == "fields":
+            raise ValueError("data.format: 'fields' reads a layout through [eval.fields], which the recipe lacks")
+        if self.eval.fields is not None and fmt not in ("auto", "fields"):
+            raise ValueError(f"eval.fields: maps a layout lvr does not know; data.format {fmt!r} reads its own "
+                             "fields (set data.format = 'fields')")
+        return self
 
 
 BenchMode = Literal["vanilla", "peer", "mrsp-1", "mrsp", "mrsp-shared"]

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.data.records import iter_jsonl
-from stages.evalkit.items import GROUP_FIELDS
-from stages.evalkit.report import BOOTSTRAP, order, pct, pct_ci, score
+from stages.evalkit.report import BOOTSTRAP, group_fields, order, pct, pct_ci, score
 from stages.evalkit.scoring import BLIND_FRAMES, row_correct
 from stages.evalkit.stats import paired
 
@@ -52,7 +51,7 @@ def load_run(path: Path, name: str) -> EvalRun:
     for _, r in iter_jsonl(path / "predictions.jsonl", on_error=lambda *_: None):
         if int(r["frames"]) == BLIND_FRAMES:
             blind.setdefault(str(r["key"]), r)
-        else:
+        elif not r.get("subtitles"):  # VideoMME's with-subtitles readings: compared on the plain protocol
             rows.setdefault((str(r["key"]), int(r["frames"])), r)
     return EvalRun(name, path, json.loads((path / "results.json").read_text()), rows, blind)
 
@@ -78,7 +77,7 @@ def check_same_items(runs: list[EvalRun]) -> None:
 def _groups(rows: list[dict]) -> dict[str, dict[str, list[dict]]]:
     """`{field: {value: rows}}` for the group fields the rows carry, values in report order."""
     out = {}
-    for f in GROUP_FIELDS:
+    for f in group_fields(rows):
         values: dict[str, list[dict]] = {}
         for r in rows:
             if r.get(f) is not None:

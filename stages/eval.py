@@ -1,9 +1,13 @@
-"""`lvr eval`: multiple-choice accuracy on long videos, per category (LongVideo-Reason) or
-per duration and task type (VideoMME), optionally swept over the number of frames.
+"""`lvr eval`: multiple-choice accuracy on long videos, per each benchmark's own groups
+(LongVideo-Reason: category; VideoMME: duration, task type, without and with subtitles;
+LongVideoBench: duration group, question category; MLVU: task type), optionally swept over
+the number of frames.
 
-Top to bottom: read the eval set (LongVideo-Reason JSONL, or the VideoMME layout as JSONL
-or parquet) into `EvalItem`s -> for each frame count, the data-parallel ranks take their
-share of the items in batches of `generation.batch_per_rank`, sample the video, decode one
+Top to bottom: read the eval set as its benchmark published it (`evalkit/formats/`: JSONL, a
+JSON array or parquet; any other layout through `[eval.fields]`) into `EvalItem`s -> for each
+frame count, the data-parallel ranks take their share of the items in batches of
+`generation.batch_per_rank`, sample the video (and, for a with-subtitles item, put the
+subtitle lines at the sampled frames before the question: `evalkit/subtitles.py`), decode one
 response each (greedy by default) -> score it two ways -> `predictions.jsonl`, resumable by
 (key, frames) -> `results.json`, `report.md`, `accuracy_vs_frames.png`. The reading, scoring,
 statistics and report live in `stages/evalkit/`; this module decodes.
@@ -40,11 +44,11 @@ from stages.data.records import JsonlAppender, RecordError, iter_jsonl  # noqa: 
 from stages.data.video import VideoDecodeError
 from stages.evalkit.baselines import generate_blind
 # Re-exported: the names tests, the hub card and older callers import from `stages.eval`.
-from stages.evalkit.items import (EmptyEvalSetError, EvalItem, detect_format, load_items,  # noqa: F401
-                                  lvr_item, options_dict, read_rows, videomme_item)
+from stages.evalkit.items import EmptyEvalSetError, EvalItem, load_items, options_dict, read_rows  # noqa: F401
 from stages.evalkit.report import (aggregate, plot_accuracy_vs_frames, report_markdown,  # noqa: F401
                                    results_dict, summary_dict)
 from stages.evalkit.scoring import BLIND_FRAMES, extract_prediction, prediction_row  # noqa: F401
+from stages.evalkit.subtitles import item_sample
 
 PREDICTIONS = "predictions.jsonl"
 
@@ -95,7 +99,7 @@ def run(recipe, run) -> dict:
         if grid.is_main:
             run.error(where, reason)
 
-    items = load_items(recipe.data, record_error)
+    items = load_items(recipe.data, record_error, recipe.eval.fields, recipe.eval.subtitles)
     frames_list = list(dict.fromkeys(recipe.video.frames or [recipe.video.max_frames]))
     done = set(read_predictions(run.path))
     barrier(grid)  # every rank has read the done set before anyone appends
@@ -114,7 +118,8 @@ def run(recipe, run) -> dict:
         vid = recipe.video
         # Blind replies first: a run killed during them still has every video reply to do, so
         # `total` (video replies only) is not 0 when it resumes and they get finished.
-        blind_todo = [it for it in mine if (it.key, BLIND_FRAMES) not in done] if recipe.eval.blind else []
+        blind_todo = [it for it in mine if not it.subtitled and (it.key, BLIND_FRAMES) not in done
+                      ] if recipe.eval.blind else []
         place = {it.key: i for i, it in enumerate(items)}
         with run.progress("eval", total + len(blind_todo)) as bar:
             for b in range(0, len(blind_todo), gen.batch_per_rank):
@@ -133,17 +138,17 @@ def run(recipe, run) -> dict:
                         if it.key in bad_videos:
                             continue
                         try:
-                            samples.append((it, rt.sample(it.record(), key=it.key, max_frames=frames)))
-                        except VideoDecodeError as e:
+                            samples.append((it, *item_sample(rt, it, frames)))
+                        except (VideoDecodeError, RecordError) as e:
                             bad_videos.add(it.key)
                             if writes:
                                 run.error(it.key, f"{type(e).__name__}: {e}", frames=frames, video=it.video)
-                    groups = rt.generate([s for _, s in samples], 1, sampling) if samples else []
-                    for (it, s), (r,) in zip(samples, groups):
+                    groups = rt.generate([s for _, s, _ in samples], 1, sampling) if samples else []
+                    for (it, s, lines), (r,) in zip(samples, groups):
                         if writer:
                             writer.write(prediction_row(it, frames, rt.response_text(r.token_ids), r.finished,
                                                         len(r.token_ids), s.video.timestamps_s, vid.fps,
-                                                        vid.max_pixels))
+                                                        vid.max_pixels, lines))
                     bar.advance(len(batch))
         if writer:
             writer.close()

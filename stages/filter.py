@@ -38,7 +38,7 @@ from collections import Counter
 from pathlib import Path
 
 from stages.algo.rewards import combined_reward
-from stages.data.records import (RecordError, done_keys, iter_jsonl, read_jsonl, split_problem,
+from stages.data.records import (RecordError, done_keys, iter_records, normalise_lvr, read_jsonl, split_problem,
                                  write_jsonl)
 from stages.data.video import VideoDecodeError
 from stages.mrsp.dist import Grid, broadcast_object, even_splits, gather_objects
@@ -137,9 +137,14 @@ def run(recipe, run) -> dict:
     errors: list[tuple[str, str]] = []
     items: list[tuple[str, dict]] = []
     seen: dict[str, int] = {}
-    for lineno, rec in iter_jsonl(src, on_error=lambda line, why: errors.append((f"{src}:{line}", why))):
+    for lineno, rec in iter_records(src, on_error=lambda line, why: errors.append((f"{src}:{line}", why))):
         if recipe.data.limit and len(items) >= recipe.data.limit:
             break
+        try:  # as released: options inside `problem`, a tagged answer, one video path
+            rec = normalise_lvr(rec)
+        except RecordError as e:
+            errors.append((f"{src}:{lineno}", f"{src}:{lineno}: RecordError: {e}"))
+            continue
         key = record_key(rec, lineno)
         if key in seen:
             errors.append((key, f"{src}:{lineno}: duplicate problem_id (first on line {seen[key]})"))

@@ -40,7 +40,7 @@ import torch
 from stages.algo.grpo import (group_advantages, grpo_loss, kl_in_reward, loss_denominator, masked_mean,
                               pad_rows)
 from stages.algo.rewards import combined_reward
-from stages.data.records import CATEGORIES, read_jsonl
+from stages.data.records import CATEGORIES, read_records
 from stages.data.video import VideoDecodeError
 from stages.mrsp.checkpoint import resume, save_checkpoint, save_final
 from stages.mrsp.data_order import step_records
@@ -83,10 +83,11 @@ class GRPOTrainer:
         self.s = setup(r, self.grid, reference=self.algo.kl_coef > 0,
                        train=(optimizer_steps, self.mini // self.micro))
         self.rt, self.engine = self.s.rt, self.s.engine
-        self.records = read_jsonl(r.data.input, on_error=lambda line, why: run.error(f"{r.data.input}:{line}", why))
+        self.records = read_records(r.data.input, on_error=lambda line, why: run.error(f"{r.data.input}:{line}", why))
         self.records = self.records[:r.data.limit] if r.data.limit else self.records
         self.video_dir = r.data.video_dir or str(Path(r.data.input).parent)
-        self.held_out = read_jsonl(r.eval.input)[:r.eval.limit or None] if r.eval.input else []
+        self.held_out = read_records(r.eval.input, on_error=lambda line, why: run.error(f"{r.eval.input}:{line}", why)
+                                     )[:r.eval.limit or None] if r.eval.input else []
 
     # -- the loop ------------------------------------------------------------------------------
     def train(self) -> dict:

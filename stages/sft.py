@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from stages.data.records import answer_target, read_jsonl
+from stages.data.records import answer_target, read_records
 from stages.data.video import VideoDecodeError
 from stages.mrsp.checkpoint import resume, save_checkpoint, save_final
 from stages.mrsp.data_order import step_records
@@ -49,12 +49,13 @@ def run(recipe, run) -> dict:
     built = setup(recipe, grid, train=(recipe.train.steps, per_rank // micro))
     adapter, rt, engine = built.adapter, built.rt, built.engine
 
-    records = read_jsonl(recipe.data.input, on_error=lambda line, why: run.error(f"{recipe.data.input}:{line}", why))
+    records = read_records(recipe.data.input, on_error=lambda line, why: run.error(f"{recipe.data.input}:{line}", why))
     records = records[:recipe.data.limit] if recipe.data.limit else records
     video_dir = recipe.data.video_dir or str(Path(recipe.data.input).parent)
     held_out = []
     if recipe.eval.input:
-        held_out = read_jsonl(recipe.eval.input)[:recipe.eval.limit or None]
+        held_out = read_records(recipe.eval.input, on_error=lambda line, why: run.error(f"{recipe.eval.input}:{line}", why))
+        held_out = held_out[:recipe.eval.limit or None]
     start = resume(engine, run.path, [run.file("metrics.jsonl"), run.file("samples.jsonl")])
     adapter.model.train()
     history = []

@@ -109,7 +109,14 @@ def done_keys(path, key: str) -> set:
 
 
 # -- LongVideo-Reason records ------------------------------------------------------------------
+# As released (NVlabs/Long-RL `eval/eval.py`, lmms-eval `longvideo_reason`): `problem_id` (int),
+# `problem` (the question, then one `A. ...` line per option), `data_type` ("video"),
+# `problem_type` (the category), `reasoning`, `videos` (ONE path string,
+# `longvila_videos/<name>.<mp4|webm|mkv>`) and `answer` wrapped in tags, `<answer>B</answer>`.
 _OPTION_LINE = re.compile(r"^\s*\(?([A-Z])[\.\):]\s+(.*\S)\s*$")
+_ANSWER_TAGS = re.compile(r"^\s*<answer>(.*?)</answer>\s*$", re.DOTALL)
+RELEASED_OPTIONS = 4  # every released LongVideo-Reason question offers A-D
+_SPACE = re.compile(r"\s*")
 
 
 def split_problem(problem: str) -> tuple[str, dict[str, str]]:
@@ -126,18 +133,56 @@ def split_problem(problem: str) -> tuple[str, dict[str, str]]:
     return "\n".join(question).strip(), options
 
 
+def option_order_error(problem: str) -> str | None:
+    """Why the option block of `problem` is malformed, or None: a lettered line inside it that
+    is not the next letter (a repeated `A.`, a skipped one), which `split_problem` would
+    otherwise glue onto the option before it."""
+    last = None
+    for line in problem.splitlines():
+        m = _OPTION_LINE.match(line)
+        if not m:
+            continue
+        letter = m.group(1)
+        if last is None:
+            last = letter if letter == "A" else None
+        elif ord(letter) == ord(last) + 1:
+            last = letter
+        else:
+            return f"problem: option line {line.strip()[:60]!r} breaks the A, B, C order after {last}"
+    return None
+
+
+def unwrap_answer(answer) -> str:
+    """The answer as written inside the release's `<answer>...</answer>` tags (else as is), stripped."""
+    text = str(answer).strip()
+    m = _ANSWER_TAGS.match(text)
+    return m.group(1).strip() if m else text
+
+
 def format_problem(question: str, options: dict[str, str]) -> str:
     return question.strip() + "\n" + "\n".join(f"{k}. {v}" for k, v in options.items())
 
 
 def normalise_lvr(rec: dict) -> dict:
     """Return a LongVideo-Reason record with `question`, `options`, `category` filled in from
-    the released fields; raise `RecordError` naming a missing or bad field."""
-    for f in ("problem", "videos", "answer"):
-        if f not in rec:
+    the released fields, `videos` as a list and `answer` without its `<answer>` tags; raise
+    `RecordError` naming a missing or bad field. A record in the released shape (a tagged
+    answer) must offer exactly A-D: the release's malformed rows have no option lines, or
+    generator scratchpad where an option should be."""
+    for f in ("problem" if "question" not in rec else "question", "videos", "answer"):
+        if f not in rec or rec[f] is None:
             raise RecordError(f"missing field {f!r}")
     out = dict(rec)
-    if "options" not in out or "question" not in out:
+    released = _ANSWER_TAGS.match(str(rec["answer"])) is not None
+    out["answer"] = unwrap_answer(rec["answer"])
+    if "problem" in rec:
+        if not isinstance(rec["problem"], str):
+            raise RecordError(f"problem: expected text, got {type(rec['problem']).__name__}")
+        if why := option_order_error(rec["problem"]):
+            raise RecordError(why)
+    if "problem" not in rec:
+        out.setdefault("options", {})
+    elif "options" not in out or "question" not in out:
         q, opts = split_problem(rec["problem"])
         out.setdefault("question", q)
         out.setdefault("options", opts)
@@ -148,11 +193,74 @@ def normalise_lvr(rec: dict) -> dict:
     videos = out["videos"]
     if isinstance(videos, str):
         out["videos"] = [videos]
-    elif not isinstance(videos, list) or not videos:
-        raise RecordError("field 'videos' must be a non-empty list of paths")
-    if out["options"] and str(out["answer"]).strip().upper()[:1] not in out["options"]:
-        raise RecordError(f"answer {out['answer']!r} is not one of the options {', '.join(out['options'])}")
+    elif not isinstance(videos, list) or not videos or not all(isinstance(v, str) for v in videos):
+        raise RecordError("field 'videos' must be a path or a non-empty list of paths")
+    answer, options = out["answer"], out["options"]
+    if not options and len(answer) == 1 and answer.isalpha():
+        raise RecordError(f"problem: no 'A. ...' option lines, but the answer {answer!r} names an option")
+    if options and answer.upper()[:1] not in options:
+        raise RecordError(f"answer {answer!r} is not one of the options {', '.join(options)}")
+    if released and len(options) != RELEASED_OPTIONS:
+        raise RecordError(f"problem: {len(options)} option lines ({', '.join(options) or 'none'}); a released "
+                          f"LongVideo-Reason question offers {RELEASED_OPTIONS} (A-D)")
     out.setdefault("problem_id", out.get("id"))
+    return out
+
+
+def iter_records(path, on_error: Callable[[int, str], None] | None = None) -> Iterator[tuple[int, dict]]:
+    """`(line, record)` of a JSON Lines file or of a JSON array (told apart by the first
+    character, whatever the suffix); a malformed line or element goes to `on_error(line, reason)`
+    (or raises `RecordError`). In an array, `line` is where the element starts; a syntax error
+    ends the array there (nothing after it can be told apart)."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if not head.startswith(b"["):
+        yield from iter_jsonl(path, on_error)
+        return
+    text = Path(path).read_text(encoding="utf-8")
+    pos = text.index("[") + 1
+    decoder, line = json.JSONDecoder(), text.count("\n", 0, pos) + 1
+
+    def bad(at: int, why: str) -> None:
+        reason = f"{path}:{at}: {why}"
+        if on_error is None:
+            raise RecordError(reason)
+        on_error(at, reason)
+
+    while True:
+        nxt = _SPACE.match(text, pos).end()
+        line += text.count("\n", pos, nxt)
+        pos = nxt
+        if pos >= len(text):
+            return bad(line, "malformed JSON array (no closing ']')")
+        if text[pos] == "]":
+            return
+        try:
+            rec, end = decoder.raw_decode(text, pos)
+        except ValueError as e:
+            return bad(line, f"malformed JSON array element ({str(e).splitlines()[0][:120]})")
+        if isinstance(rec, dict):
+            yield line, rec
+        else:
+            bad(line, f"malformed JSON array element (expected an object, got {type(rec).__name__})")
+        pos = _SPACE.match(text, end).end()
+        line += text.count("\n", nxt, pos)
+        if pos < len(text) and text[pos] == ",":
+            pos += 1
+        elif pos < len(text) and text[pos] != "]":
+            return bad(line, f"malformed JSON array (expected ',' or ']', got {text[pos]!r})")
+
+
+def read_records(path, on_error: Callable[[int, str], None]) -> list[dict]:
+    """The LongVideo-Reason records of a JSONL file or JSON array (`iter_records`), each
+    `normalise_lvr`ed; a malformed one goes to `on_error(line, "path:line: reason")` and is
+    left out. What `lvr filter`, `lvr sft` and `lvr rl` train and score on."""
+    out = []
+    for line, rec in iter_records(path, on_error):
+        try:
+            out.append(normalise_lvr(rec))
+        except RecordError as e:
+            on_error(line, f"{path}:{line}: RecordError: {e}")
     return out
 
 

@@ -32,9 +32,27 @@ BOOTSTRAP = {"resamples": 10_000, "seed": 0}
 
 
 def order(field_name: str, values) -> list[str]:
-    """Group values in the paper's order (categories, durations), others sorted after them."""
+    """Group values in the paper's order (categories, durations), others after them: numbers
+    (LongVideoBench's duration groups) by value, then text sorted."""
     known = {"category": CATEGORIES, "duration": DURATIONS}.get(field_name, ())
-    return [v for v in known if v in values] + sorted(v for v in values if v not in known)
+    rest = [v for v in values if v not in known]
+    numbers = sorted((v for v in rest if _number(v) is not None), key=_number)
+    return [v for v in known if v in values] + numbers + sorted(v for v in rest if _number(v) is None)
+
+
+def _number(value: str) -> float | None:
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def group_fields(rows: list[dict]) -> list[str]:
+    """The group fields prediction rows carry: `GROUP_FIELDS` in that order, then the others
+    their `group_by` names (`[eval.fields]` groups), in order of appearance."""
+    named = dict.fromkeys(f for r in rows for f in r.get("group_by", ()))
+    return [f for f in GROUP_FIELDS if any(r.get(f) is not None for r in rows)] + [f for f in named
+                                                                                    if f not in GROUP_FIELDS]
 
 
 def score(rows: list[dict]) -> dict:
@@ -61,16 +79,26 @@ def aggregate(rows: list[dict]) -> dict[int, dict]:
         if sampled:
             res["frames_sampled"] = {"min": min(sampled), "max": max(sampled),
                                      "mean": round(sum(sampled) / len(sampled), 2)}
-        for f in GROUP_FIELDS:
+        for f in group_fields(rs):
             groups: dict[str, list[dict]] = defaultdict(list)
             for r in rs:
                 if r.get(f) is not None:
                     groups[str(r[f])].append(r)
             if groups:
                 res[f"by_{f}"] = {v: score(groups[v]) for v in order(f, groups)}
+                res.setdefault("mean_over_groups", {})[f] = group_mean(res[f"by_{f}"])
         res["letters"] = letter_baselines(rs)
         out[frames] = res
     return out
+
+
+def group_mean(by: dict[str, dict]) -> dict:
+    """The unweighted mean of the groups' accuracies (MLVU's M-Avg over task types), lenient
+    and strict, and how many groups it averages."""
+    def mean(key):
+        values = [s[key] for s in by.values() if s.get(key) is not None]
+        return sum(values) / len(values) if values else None
+    return {"accuracy": mean("accuracy"), "accuracy_strict": mean("accuracy_strict"), "groups": len(by)}
 
 
 def blind_results(rows: list[dict], video_rows: list[dict], frames: int) -> dict:
@@ -90,18 +118,23 @@ def results_dict(recipe, items: list[EvalItem], frames_list: list[int], rows: li
     """`results.json`: what was run (provenance, scoring) and the scores per frame count; with
     `eval.blind`, the blind scores next to them."""
     wanted = {(it.key, f) for it in items for f in frames_list}
-    video_rows = [r for r in rows if (str(r["key"]), int(r["frames"])) in wanted]
+    rows_now = [r for r in rows if (str(r["key"]), int(r["frames"])) in wanted]
+    video_rows = [r for r in rows_now if not r.get("subtitles")]
     by_frames = aggregate(video_rows)
     prov = run_provenance(recipe)
     results = {
         "model": recipe.model.path, "model_revision": prov["model"]["revision"], "data": recipe.data.input,
-        "formats": sorted({it.format for it in items}), "items": len(items), "failed": failed,
+        "formats": sorted({it.format for it in items}), "items": sum(not it.subtitled for it in items),
+        "failed": failed,
         "frames": sorted(frames_list), "think": recipe.prompt.think,
         "temperature": recipe.generation.temperature, "max_new_tokens": recipe.generation.max_new_tokens,
         "scoring": SCORING, "provenance": prov, "by_frames": {str(f): v for f, v in by_frames.items()},
     }
     if recipe.eval.blind and by_frames:
         results["blind"] = blind_results(rows, video_rows, max(by_frames))
+    subtitled = [r for r in rows_now if r.get("subtitles")]
+    if subtitled:  # VideoMME's with-subtitles protocol, beside by_frames (the same items without)
+        results["with_subtitles"] = {str(f): v for f, v in aggregate(subtitled).items()}
     return results
 
 
@@ -114,7 +147,8 @@ def ci_text(ci, digits: int = 4) -> str | None:
 def summary_dict(results: dict) -> dict:
     """The flat stage summary at the largest frame count: n, accuracy (lenient) and
     accuracy_strict with their `_ci95`, well-formed and format shares, the majority-letter and
-    blind baselines, and per group `by_<field>` (accuracy), `by_<field>_ci95`, `by_<field>_n`."""
+    blind baselines, per group `by_<field>` (accuracy), `by_<field>_ci95`, `by_<field>_n` and
+    `mean_over_<field>`, and with subtitles `accuracy_with_subtitles` (+ per duration)."""
     by = results["by_frames"]
     top = max(by, key=int) if by else None
     last = by[top] if by else {"overall": score([]), "unparsed": 0}
@@ -130,13 +164,22 @@ def summary_dict(results: dict) -> dict:
     if results.get("blind"):
         b = results["blind"]["overall"]
         out |= {"accuracy_blind": b["accuracy"], "accuracy_blind_ci95": ci_text(b["ci95"])}
-    for f in GROUP_FIELDS:
-        groups = last.get(f"by_{f}")
-        if groups:
-            out[f"by_{f}"] = {v: (round(s["accuracy"], 4) if s["accuracy"] is not None else None)
-                              for v, s in groups.items()}
-            out[f"by_{f}_ci95"] = {v: ci_text(s["ci95"]) for v, s in groups.items()}
-            out[f"by_{f}_n"] = {v: s["total"] for v, s in groups.items()}
+    for f in _fields_of(last):
+        groups = last[f"by_{f}"]
+        out[f"by_{f}"] = {v: (round(s["accuracy"], 4) if s["accuracy"] is not None else None)
+                          for v, s in groups.items()}
+        out[f"by_{f}_ci95"] = {v: ci_text(s["ci95"]) for v, s in groups.items()}
+        out[f"by_{f}_n"] = {v: s["total"] for v, s in groups.items()}
+        mean = last.get("mean_over_groups", {}).get(f)
+        if mean and mean["groups"] > 1 and mean["accuracy"] is not None:  # MLVU's M-Avg for question_type
+            out[f"mean_over_{f}"] = round(mean["accuracy"], 4)
+    subs = results.get("with_subtitles", {}).get(top) if top else None
+    if subs:
+        out |= {"accuracy_with_subtitles": subs["overall"]["accuracy"],
+                "accuracy_with_subtitles_ci95": ci_text(subs["overall"]["ci95"])}
+        if subs.get("by_duration"):
+            out["by_duration_with_subtitles"] = {v: (round(s["accuracy"], 4) if s["accuracy"] is not None else None)
+                                                 for v, s in subs["by_duration"].items()}
     if len(by) > 1:
         out["accuracy_by_frames"] = {f: v["overall"]["accuracy"] for f, v in by.items()}
         out["accuracy_by_frames_ci95"] = {f: ci_text(v["overall"]["ci95"]) for f, v in by.items()}
@@ -144,6 +187,11 @@ def summary_dict(results: dict) -> dict:
 
 
 # -- report.md ------------------------------------------------------------------------------------------
+def _fields_of(res: dict) -> list[str]:
+    """The group fields an aggregate holds a `by_<field>` table of, in its order."""
+    return [k[3:] for k in res if k.startswith("by_")]
+
+
 def pct(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
@@ -239,16 +287,38 @@ def report_markdown(results: dict, plot: Path | None) -> str:
     if by:
         top = max(by, key=int)
         lines += [""] + _baseline_lines(results, top)
-        for f in GROUP_FIELDS:
-            if f"by_{f}" not in by[top]:
-                continue
+        for f in _fields_of(by[top]):
             lines += ["", f"## By {f.replace('_', ' ')} ({top} frames)", "",
                       f"| {f} | correct | total | accuracy % | 95% CI | strict % | strict 95% CI |",
                       "|---|---|---|---|---|---|---|"]
             lines += [f"| {v} | {s['correct']} | {s['total']} | {pct(s['accuracy'])} | {pct_ci(s['ci95'])} | "
                       f"{pct(s.get('accuracy_strict'))} | {pct_ci(s.get('ci95_strict'))} |"
                       for v, s in by[top][f"by_{f}"].items()]
+            mean = by[top].get("mean_over_groups", {}).get(f)
+            if mean and mean["groups"] > 1:
+                lines.append(f"| mean of the {mean['groups']} groups | | | {pct(mean['accuracy'])} | | "
+                             f"{pct(mean['accuracy_strict'])} | |")
+        lines += _subtitle_lines(results, top)
     return "\n".join(lines) + "\n"
+
+
+def _subtitle_lines(results: dict, top: str) -> list[str]:
+    """VideoMME without and with subtitles at `top` frames, overall and per duration."""
+    subs = results.get("with_subtitles", {}).get(top)
+    if not subs:
+        return []
+    plain = results["by_frames"][top]
+    lines = ["", f"## Without and with subtitles ({top} frames)", "",
+             "The same items asked twice: with the video only, and with the subtitle lines on screen at the "
+             "sampled frames before the question (VideoMME's w_subtitle protocol).", "",
+             "| group | n | without % | 95% CI | with % | 95% CI |", "|---|---|---|---|---|---|"]
+    pairs = [("overall", plain["overall"], subs["overall"])]
+    pairs += [(f"duration {v}", plain.get("by_duration", {}).get(v), s) for v, s in subs.get("by_duration", {}).items()]
+    for name, a, b in pairs:
+        a = a or {"accuracy": None, "ci95": None}
+        lines.append(f"| {name} | {b['total']} | {pct(a['accuracy'])} | {pct_ci(a['ci95'])} | {pct(b['accuracy'])} | "
+                     f"{pct_ci(b['ci95'])} |")
+    return lines
 
 
 def plot_accuracy_vs_frames(by_frames: dict[int, dict], out_path: Path) -> Path:

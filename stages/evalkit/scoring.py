@@ -70,21 +70,34 @@ def row_format(row: dict) -> bool:
     return bool(row["format"]) if "format" in row else format_reward(row["prediction"]) == 1.0
 
 
+# The fields of a prediction row besides its groups (a group of `[eval.fields]` may not take one).
+PREDICTION_FIELDS = ("key", "frames", "blind", "question", "options", "video", "frames_sampled", "first_s", "last_s",
+                     "fps", "max_pixels", "prediction", "extracted", "answer", "correct", "correct_lenient",
+                     "correct_strict", "format", "finished", "response_tokens", "group_by", "subtitles",
+                     "subtitle_lines")
+
+
 def prediction_row(item: EvalItem, frames: int, text: str, finished: bool, tokens: int,
                    timestamps_s: list[float] | None = None, fps: float | None = None,
-                   max_pixels: int | None = None) -> dict:
+                   max_pixels: int | None = None, subtitle_lines: int | None = None) -> dict:
     """One line of `predictions.jsonl`: what was asked, what the model saw, what it said, and both
     scores. `frames` is the frame budget of the sweep (the resume key; `BLIND_FRAMES` without a
     video); `frames_sampled` counts the distinct frames decoded (a short video or an fps cap gives
     fewer than the budget; the repeat that pads the last temporal patch is not counted), and
-    `first_s`/`last_s` are the times of the first and last of them."""
+    `first_s`/`last_s` are the times of the first and last of them. The item's groups follow,
+    named in `group_by`; a with-subtitles reading adds `subtitles` and `subtitle_lines`, the
+    subtitle lines its prompt carried."""
     letter = extract_prediction(text, item.options)
     stamps = sorted(set(timestamps_s or []))
-    return {"key": item.key, "frames": frames, "blind": frames == BLIND_FRAMES,
-            "question": item.question, "options": item.options, "video": item.video,
-            "frames_sampled": len(stamps), "first_s": stamps[0] if stamps else None,
-            "last_s": stamps[-1] if stamps else None, "fps": fps, "max_pixels": max_pixels,
-            "prediction": text, "extracted": letter, "answer": item.answer,
-            "correct": letter == item.answer,  # lenient, the name older rows and readers use
-            "correct_lenient": letter == item.answer, "correct_strict": strict_correct(text, item.answer),
-            "format": format_reward(text) == 1.0, "finished": finished, "response_tokens": tokens, **item.groups}
+    row = {"key": item.key, "frames": frames, "blind": frames == BLIND_FRAMES,
+           "question": item.question, "options": item.options, "video": item.video,
+           "frames_sampled": len(stamps), "first_s": stamps[0] if stamps else None,
+           "last_s": stamps[-1] if stamps else None, "fps": fps, "max_pixels": max_pixels,
+           "prediction": text, "extracted": letter, "answer": item.answer,
+           "correct": letter == item.answer,  # lenient, the name older rows and readers use
+           "correct_lenient": letter == item.answer, "correct_strict": strict_correct(text, item.answer),
+           "format": format_reward(text) == 1.0, "finished": finished, "response_tokens": tokens,
+           "group_by": list(item.groups)}
+    if item.subtitled:
+        row |= {"subtitles": True, "subtitle_lines": subtitle_lines}
+    return row | item.groups

@@ -35,6 +35,7 @@ import torch
 
 from stages.data.records import format_problem, split_problem
 from stages.data.video import load_video
+from stages.data.video_index import find_video
 from stages.models.adapter import VideoEmbedding, VLAdapter
 from stages.models.patchify import patchify
 from stages.mrsp.cache import EmbeddingCache
@@ -152,12 +153,14 @@ class Runtime:
     # -- inputs ------------------------------------------------------------------------------
     def sample(self, record: dict, video_dir: str | Path | None = None, key: str | None = None,
                max_frames: int | None = None) -> Sample:
-        """Return the model inputs of `record` (its first video); raise `VideoDecodeError`."""
+        """Return the model inputs of `record` (its first video, found under `video_dir` by
+        `find_video`); raise `VideoDecodeError`, or `AmbiguousVideoError` (a ValueError)."""
         if self.video is None:
             raise ValueError("this runtime has no [video] settings: samples come prepared (sample_of)")
-        path = Path(record["videos"][0] if "videos" in record else record["video"])
-        if video_dir is not None and not path.is_absolute():
-            path = Path(video_dir) / path
+        ref = record["videos"] if "videos" in record else record["video"]
+        path = Path(ref[0] if isinstance(ref, list) else ref)  # the release writes one path, not a list
+        if video_dir is not None:  # as released: a name may sit in any sub-folder of video_dir
+            path = find_video(video_dir, path)
         video = prepare_video(self.adapter, path, max_frames or self.video.max_frames, self.video.max_pixels,
                               self.video.fps)
         return self.sample_of(record, video, key or str(record.get("problem_id", record.get("question_id", path))))

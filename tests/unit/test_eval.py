@@ -329,7 +329,7 @@ def test_blind_decodes_every_item_without_its_video_first_and_resumes(evalset, t
                                      '[generation]\nmax_new_tokens = 8\nbatch_per_rank = 2\n')
     loaded = load_recipe(tmp_path / "e.toml", [])
     recipe = SimpleNamespace(**({k: getattr(loaded, k) for k in type(loaded).model_fields}
-                                | {"eval": SimpleNamespace(blind=True)}))
+                                | {"eval": SimpleNamespace(blind=True, fields=None, subtitles=False)}))
     run = _Run(tmp_path / "run")
     summary = ev.run(recipe, run)
     preds = _read(run.path / "predictions.jsonl")

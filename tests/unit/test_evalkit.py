@@ -63,7 +63,7 @@ def test_prediction_row_records_what_was_asked_seen_and_both_scores():
                    "video": "/v/a.mp4", "frames_sampled": 5, "first_s": 1.0, "last_s": 9.0, "fps": 0.5,
                    "max_pixels": 3136, "prediction": "<think>x</think><answer>B. green</answer>", "extracted": "B",
                    "answer": "B", "correct": True, "correct_lenient": True, "correct_strict": False, "format": True,
-                   "finished": True, "response_tokens": 9, "category": "temporal"}
+                   "finished": True, "response_tokens": 9, "group_by": ["category"], "category": "temporal"}
     blind = scoring.prediction_row(item, scoring.BLIND_FRAMES, "B", True, 1)
     assert (blind["blind"], blind["frames_sampled"], blind["first_s"], blind["format"]) == (True, 0, None, False)
     # rows written before both scores were kept: lenient from `correct`, strict recomputed
