@@ -173,16 +173,18 @@ QA = [{"problem_id": f"q{i}", "problem": "Q?\nA. a\nB. b", "problem_type": c, "v
 
 def eval_run(out: Path, model_path: str, data: Path, time: str, answers: dict[int, list[str]]) -> Path:
     """A finished eval run of `model_path` written as `lvr eval` writes it; `answers`: frames -> letters."""
-    from stages.eval import aggregate, report_markdown, results_dict, summary_dict
+    from stages.eval import EvalItem, report_markdown, results_dict, summary_dict
 
     recipe = load_recipe(write_recipe(out.with_suffix(".toml"), (
         f'stage = "eval"\n[data]\ninput = "{data}"\n[model]\npath = "{model_path}"\n[output]\ndir = "{out}"\n')))
     run = RunDir(out, recipe).open()
-    rows = [{"key": q["problem_id"], "frames": f, "extracted": a, "answer": "A", "correct": a == "A",
-             "category": q["problem_type"]} for f, letters in answers.items() for q, a in zip(QA, letters)]
+    rows = [{"key": q["problem_id"], "frames": f, "prediction": f"<answer>{a}</answer>", "extracted": a,
+             "answer": "A", "correct": a == "A", "category": q["problem_type"]}
+            for f, letters in answers.items() for q, a in zip(QA, letters)]
     run.file("predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    items = [type("Item", (), {"format": "longvideo-reason"})()] * len(QA)
-    results = results_dict(recipe, items, list(answers), aggregate(rows), 0)
+    items = [EvalItem(q["problem_id"], "?", {"A": "a", "B": "b"}, "A", "v.mp4", {"category": q["problem_type"]})
+             for q in QA]
+    results = results_dict(recipe, items, list(answers), rows, 0)
     run.file("results.json").write_text(json.dumps(results))
     run.file("report.md").write_text(report_markdown(results, None))
     run.finish(summary_dict(results))
