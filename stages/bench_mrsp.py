@@ -13,8 +13,13 @@ AdamW step). Modes (see `stages/mrsp/runtime.py`):
 - `mrsp-1`: the MR-SP runtime at SP 1 (embedding encoded once per step and reused);
 - `mrsp`: the MR-SP runtime at SP = `mrsp.sp_size` (sharded encode + SP forwards; the
   rollouts dealt out to the group's ranks from the cached embeddings);
-- `mrsp-shared`: `mrsp` whose old, reference and update forwards run each question's prompt
-  once for its G responses (`stages/mrsp/shared.py`, Prefix Grouper).
+- `mrsp-shared`: `mrsp` whose reference and update forwards run each question's prompt once
+  for its G responses (`stages/mrsp/shared.py`, Prefix Grouper), and whose old log-probs are
+  the update forward's, detached (an on-policy step: `lvr rl`'s default with one PPO epoch
+  and one mini-batch, `algo.reuse_old_logprobs`), so it runs no old-policy forward;
+- `mrsp-shared-2pass`: `mrsp-shared` with the separate old-policy forward
+  (`algo.reuse_old_logprobs = false`, or any off-policy setting). Every other mode runs the
+  separate old forward too, as verl does.
 
 A step processes `launch.nproc_per_node` questions in every mode (one per data-parallel
 rank, or several in turn per SP group), so every mode does the same useful work.
@@ -52,8 +57,10 @@ from stages.mrsp.rollout import Sampling
 from stages.mrsp.runtime import Mode, Runtime, Sample, VideoInput
 from stages.setup import load_policy, load_reference, make_runtime, open_grid
 
-MODES = {"vanilla": ("vanilla", False), "peer": ("peer", True), "mrsp-1": ("mrsp", False), "mrsp": ("mrsp", True),
-         "mrsp-shared": ("mrsp-shared", True)}
+# bench mode -> (runtime mode, SP over the grid, old log-probs taken from the update forward)
+MODES = {"vanilla": ("vanilla", False, False), "peer": ("peer", True, False), "mrsp-1": ("mrsp", False, False),
+         "mrsp": ("mrsp", True, False), "mrsp-shared": ("mrsp-shared", True, True),
+         "mrsp-shared-2pass": ("mrsp-shared", True, False)}
 PHASES = ("vision", "rollout", "old", "ref", "update")
 
 
@@ -143,12 +150,14 @@ def synthetic_sample(rt: Runtime, frames: int, size: int, index: int) -> Sample:
 
 
 def step_loss(rt: Runtime, ref: VLAdapter, samples, responses, rewards, G, algo, timers, memory, cap,
-              optimizer=None) -> list[tuple[float, float]]:
-    """Old + reference + update forwards of one step; return per question its update loss and
-    its mean old-policy token log-prob."""
+              optimizer=None, reuse_old: bool = False) -> list[tuple[float, float]]:
+    """Old + reference + update forwards of one step (no old forward with `reuse_old`: the
+    update forward's log-probs, detached, are the old ones); return per question its update
+    loss and its mean old-policy token log-prob."""
     old, refs = [], []
+    passes = (("ref", refs, ref),) if reuse_old else (("old", old, None), ("ref", refs, ref))
     with torch.no_grad():
-        for phase, out, model in (("old", old, None), ("ref", refs, ref)):
+        for phase, out, model in passes:
             with Phase(timers, phase, rt):
                 for s, resp in zip(samples, responses):
                     out.append(rt.logprobs(s, resp, model=model)[0])
@@ -157,7 +166,10 @@ def step_loss(rt: Runtime, ref: VLAdapter, samples, responses, rewards, G, algo,
     out = []
     with Phase(timers, "update", rt):
         for q, (s, resp) in enumerate(zip(samples, responses)):
-            lp, mask = pad_rows(rt.logprobs(s, resp)[0])
+            lps = rt.logprobs(s, resp)[0]
+            if reuse_old:
+                old.append([x.detach() for x in lps])
+            lp, mask = pad_rows(lps)
             loss, _ = grpo_loss(lp, pad_rows(old[q])[0], pad_rows(refs[q])[0], adv[q * G:(q + 1) * G], mask,
                                 algo.clip_low, algo.clip_high, algo.dual_clip, algo.loss_agg, algo.kl_coef,
                                 algo.kl_kind, algo.kl_clamp, horizon=len(resp[0]) if resp else None)
@@ -178,7 +190,7 @@ def check_cap(memory: PeakMemory, cap: float | None) -> None:
 
 def bench_mode(name, frames, recipe, adapter, ref, grids, initial, memory, ref_responses) -> dict:
     b, algo = recipe.bench, recipe.algo
-    mode_name, use_sp = MODES[name]
+    mode_name, use_sp, reuse_old = MODES[name]
     grid = grids["sp"] if use_sp else grids["one"]
     rt = make_runtime(recipe, adapter, grid, Mode.named(mode_name))
     adapter.model.load_state_dict(initial)
@@ -199,7 +211,8 @@ def bench_mode(name, frames, recipe, adapter, ref, grids, initial, memory, ref_r
                                  for q in qids])  # a question's rewards do not depend on the mode
             if step == 0:  # the parity check: same rollouts, same weights -> same numbers in every mode
                 first = step_loss(rt, ref, samples, ref_responses(qids), rewards, G, algo,
-                                  dict.fromkeys(PHASES, 0.0), memory, None)[qids.index(grid.rank)]
+                                  dict.fromkeys(PHASES, 0.0), memory, None,
+                                  reuse_old=reuse_old)[qids.index(grid.rank)]
                 rt.new_step()  # the timed step starts cold: no embedding cached, counters at zero
                 rt.reset_counters()
                 memory.reset()
@@ -215,7 +228,8 @@ def bench_mode(name, frames, recipe, adapter, ref, grids, initial, memory, ref_r
                 groups = rt.generate(samples, G, sampling)
             check_cap(memory, b.memory_cap_gb)
             responses = [[r.token_ids for r in g] for g in groups]
-            step_loss(rt, ref, samples, responses, rewards, G, algo, timers, memory, b.memory_cap_gb, opt)
+            step_loss(rt, ref, samples, responses, rewards, G, algo, timers, memory, b.memory_cap_gb, opt,
+                      reuse_old=reuse_old)
             elapsed = time.perf_counter() - t0
             if step >= b.warmup_steps:
                 times.append((elapsed, timers))
@@ -297,7 +311,9 @@ def report(recipe, run, grid: Grid, results: list[dict]) -> dict:
     for f in b.frames:
         row = {r["mode"]: r for r in results if r["frames"] == f}
         best = "mrsp" if "mrsp" in row else ("mrsp-1" if "mrsp-1" in row else None)
-        for fast, slower in ((best, ("vanilla", "peer")), ("mrsp-shared", ("vanilla", "peer", "mrsp"))):
+        pairs = ((best, ("vanilla", "peer")), ("mrsp-shared", ("vanilla", "peer", "mrsp", "mrsp-shared-2pass")),
+                 ("mrsp-shared-2pass", ("vanilla", "peer", "mrsp")))
+        for fast, slower in pairs:
             if fast not in row or row[fast]["oom"]:
                 continue
             for other in slower:
