@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 
 from stages.algo.grpo import group_advantages, grpo_loss, pad_rows
+from stages.flops import ModelShape, bench_step_flops, gemm_peak
 from stages.models.adapter import VLAdapter
 from stages.models.patchify import patchify
 from stages.mrsp.dist import Grid, all_reduce_sum, average_gradients, init_grid
@@ -242,7 +243,14 @@ def bench_mode(name, frames, recipe, adapter, ref, grids, initial, memory, ref_r
         return {"mode": name, "frames": frames, "oom": True, "reason": str(e).splitlines()[0][:200]}
     med = statistics.median(t for t, _ in times)
     breakdown = {p: statistics.median(tm[p] for _, tm in times) for p in PHASES}
-    return {"mode": name, "frames": frames, "oom": False, "seconds_per_step": med, "breakdown": breakdown,
+    flops = bench_step_flops(ModelShape.of(adapter), prompt=int(samples[0].prompt.input_ids.shape[0]),
+                             response=b.response_tokens, G=G, questions=len(qids) * grid.dp_size,
+                             grid_thw=samples[0].video.grid_thw,
+                             encodes_per_video=counters["vision_encodes"] / len(qids),
+                             prefills_per_question=1 if rt.mode.group_rollouts else G,
+                             shared_prompt=rt.mode.shared_prompt, old_pass=not reuse_old)
+    flops["step"] = sum(flops.values())
+    return {"flops": flops, "mode": name, "frames": frames, "oom": False, "seconds_per_step": med, "breakdown": breakdown,
             "peak_memory_gb": peak, "vision_encodes_per_video": counters["vision_encodes"] / len(qids),
             "video_tokens": int(samples[0].prompt.input_ids.eq(adapter.video_token_id).sum()),
             "prompt_tokens": int(samples[0].prompt.input_ids.shape[0]), "first_step_loss": first[0],
@@ -260,6 +268,7 @@ def run(recipe, run) -> dict:
     adapter.model.model.visual.requires_grad_(False)
     ref = load_reference(recipe, grid, adapter)
     initial = {k: v.detach().clone() for k, v in adapter.model.state_dict().items()}
+    peak = gemm_peak(grid, next(adapter.model.parameters()).dtype)  # the limit MFU is measured against
     memory = PeakMemory(grid.device)
     results = []
     with run.progress("bench-mrsp", len(b.frames) * len(b.modes)) as bar:
@@ -293,7 +302,17 @@ def run(recipe, run) -> dict:
                     raise RuntimeError(f"bench: modes disagree on the {key.replace('_', ' ')} at {frames} frames "
                                        f"(max difference {worst:.3g})")
     memory.close()
-    return report(recipe, run, grid, results)
+    return report(recipe, run, grid, [with_mfu(r, peak) for r in results], peak)
+
+
+def with_mfu(res: dict, peak: dict) -> dict:
+    """`res` with achieved FLOP/s (all processes' FLOPs over rank 0's seconds) and MFU
+    (against every process's measured matmul rate added up), per phase and per step."""
+    if res["oom"]:
+        return res
+    seconds = {**res["breakdown"], "step": res["seconds_per_step"]}
+    rate = {k: (f / seconds[k] if seconds[k] > 0 else 0.0) for k, f in res["flops"].items()}
+    return {**res, "flops_per_s": rate, "mfu": {k: v / peak["all_processes"] for k, v in rate.items()}}
 
 
 def gather_peak(res: dict, grid: Grid) -> dict:
@@ -303,10 +322,11 @@ def gather_peak(res: dict, grid: Grid) -> dict:
     return {**res, "peak_memory_gb": all_reduce_sum([res["peak_memory_gb"]], grid, op="max")[0]}
 
 
-def report(recipe, run, grid: Grid, results: list[dict]) -> dict:
+def report(recipe, run, grid: Grid, results: list[dict], peak: dict) -> dict:
     b = recipe.bench
     modes = list(b.modes)
     table = markdown_table(results, modes, b.frames)
+    mfu = mfu_table(results, modes, b.frames)
     speedups = {}
     for f in b.frames:
         row = {r["mode"]: r for r in results if r["frames"] == f}
@@ -331,17 +351,18 @@ def report(recipe, run, grid: Grid, results: list[dict]) -> dict:
         data = {"name": b.name, "machine": machine, "model": recipe.model.path, "world_size": grid.world_size,
                 "sp_size": recipe.mrsp.sp_size, "rollout_n": recipe.rollout.n,
                 "response_tokens": b.response_tokens, "frame_size": b.frame_size, "steps": b.steps,
-                "warmup_steps": b.warmup_steps, "results": results, "speedups": speedups, "env": env}
+                "warmup_steps": b.warmup_steps, "peak_flops": peak, "results": results, "speedups": speedups,
+                "env": env}
         (out / f"{b.name}.json").write_text(json.dumps(data, indent=2) + "\n")
         (out / f"{b.name}.md").write_text(f"Machine: {machine}; model {recipe.model.path}; G = {recipe.rollout.n}, "
                                          f"{b.response_tokens} response tokens, frames {b.frame_size}x{b.frame_size}.\n\n"
-                                         + table + "\n")
+                                         + table + "\n\n" + peak_line(peak) + "\n\n" + mfu + "\n")
         plot(results, modes, out / f"{b.name}.png", machine)
         for name in (f"{b.name}.json", f"{b.name}.md", f"{b.name}.png"):
             (run.path / name).write_bytes((out / name).read_bytes())
         from rich.console import Console
 
-        Console().print(table)
+        Console().print(table + "\n\n" + peak_line(peak) + "\n\n" + mfu)
     return {"results": len(results), "oom": sum(r["oom"] for r in results), **speedups, "out_dir": b.out_dir,
             "failed": 0}
 
@@ -361,6 +382,28 @@ def markdown_table(results: list[dict], modes: list[str], frames: list[int]) -> 
             lines.append(f"| {f} | {m} | {r['seconds_per_step']:.2f} | " + " | ".join(f"{bd[p]:.2f}" for p in PHASES)
                          + f" | {r['peak_memory_gb']:.2f} | {r['vision_encodes_per_video']:g} "
                          f"| {r['train_forward_tokens'] // r['questions_per_rank']} |")
+    return "\n".join(lines)
+
+
+def peak_line(peak: dict) -> str:
+    return (f"Measured matmul peak ({peak['dtype']} {peak['gemm']} torch.mm): "
+            f"{peak['per_process'] / 1e9:.1f} GFLOP/s on one process alone, {peak['all_processes'] / 1e9:.1f} GFLOP/s "
+            f"on all {peak['processes']} processes at once; MFU is against the latter.")
+
+
+def mfu_table(results: list[dict], modes: list[str], frames: list[int]) -> str:
+    """Per frame count and mode: GFLOPs of the step (all processes), achieved GFLOP/s, and
+    MFU in % per step and per phase."""
+    cols = ("step", *PHASES)
+    lines = ["| frames | mode | GFLOP/step | GFLOP/s | " + " | ".join(f"MFU % {c}" for c in cols) + " |",
+             "|---:|---|---:|---:|" + "---:|" * len(cols)]
+    for f in frames:
+        for m in modes:
+            r = next((x for x in results if x["frames"] == f and x["mode"] == m), None)
+            if r is None or r["oom"]:
+                continue
+            lines.append(f"| {f} | {m} | {r['flops']['step'] / 1e9:.2f} | {r['flops_per_s']['step'] / 1e9:.2f} | "
+                         + " | ".join(f"{100 * r['mfu'][c]:.1f}" if r["flops"][c] > 0 else "" for c in cols) + " |")
     return "\n".join(lines)
 
 

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from tests.conftest import run_lvr
 
 FIELDS = {"mode", "frames", "oom", "seconds_per_step", "breakdown", "peak_memory_gb", "vision_encodes_per_video",
@@ -46,6 +48,19 @@ def test_bench_writes_every_field_and_counts_encodes(tmp_path):
         assert x["train_forward_tokens_unshared"] == unshared, (mode, frames)
         shared = mode.startswith("mrsp-shared")
         assert x["train_forward_tokens"] == (passes * Q * (P + G * T) if shared else unshared), mode
+    # FLOPs and MFU per phase and per step, against the matmul peak measured in the run
+    peak = data["peak_flops"]
+    assert peak["all_processes"] > 0 and peak["per_process"] > 0 and peak["processes"] == 2
+    for (mode, frames), x in rows.items():
+        assert set(x["flops"]) == set(x["mfu"]) == {"vision", "rollout", "old", "ref", "update", "step"}
+        assert x["flops"]["step"] == pytest.approx(sum(v for k, v in x["flops"].items() if k != "step"))
+        assert (x["flops"]["old"] == 0) == (mode == "mrsp-shared")
+        assert x["flops"]["update"] == pytest.approx(3 * x["flops"]["ref"])
+        assert 0 < x["mfu"]["step"] == pytest.approx(x["flops"]["step"] / x["seconds_per_step"] / peak["all_processes"])
+    f = {m: rows[(m, 8)]["flops"] for m in MODES}
+    assert f["vanilla"]["vision"] == pytest.approx(4 * G * f["mrsp"]["vision"])  # 4G encodes against 1
+    assert f["mrsp-shared"]["ref"] < f["mrsp"]["ref"] == f["vanilla"]["ref"]
+    assert "MFU % update" in (out / "t.md").read_text()
     assert rows[("mrsp", 8)]["video_tokens"] == 2 * rows[("mrsp", 4)]["video_tokens"]
     assert any(k.startswith("mrsp_over_vanilla@") for k in data["speedups"])
     assert {"mrsp-shared_over_vanilla@8", "mrsp-shared_over_mrsp@8",
