@@ -227,6 +227,9 @@ class AlgoSection(LossSection):  # rl
     ppo_epochs: PosInt = 1
     mini_batches: PosInt = 1
     drop_zero_variance_groups: bool = False
+    # on-policy steps (ppo_epochs = mini_batches = 1, no kl_in_reward) take the old log-probs from
+    # the update forward, detached, instead of a separate forward (stages/rl.py, step 4)
+    reuse_old_logprobs: bool = True
 
 
 class RewardSection(Section):
@@ -326,12 +329,12 @@ class EvalRecipe(Recipe):
         return self
 
 
-BenchMode = Literal["vanilla", "peer", "mrsp-1", "mrsp", "mrsp-shared"]
+BenchMode = Literal["vanilla", "peer", "mrsp-1", "mrsp", "mrsp-shared", "mrsp-shared-2pass"]
 
 
 class BenchSpec(Section):
     frames: list[PosInt] = [8, 16, 32]
-    modes: list[BenchMode] = ["vanilla", "peer", "mrsp-1", "mrsp", "mrsp-shared"]
+    modes: list[BenchMode] = ["vanilla", "peer", "mrsp-1", "mrsp", "mrsp-shared", "mrsp-shared-2pass"]
     steps: PosInt = 2
     warmup_steps: NonNegInt = 1
     response_tokens: PosInt = 16  # every rollout is this long (the bench's rollout.max_new_tokens)

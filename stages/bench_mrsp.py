@@ -13,8 +13,13 @@ AdamW step). Modes (see `stages/mrsp/runtime.py`):
 - `mrsp-1`: the MR-SP runtime at SP 1 (embedding encoded once per step and reused);
 - `mrsp`: the MR-SP runtime at SP = `mrsp.sp_size` (sharded encode + SP forwards; the
   rollouts dealt out to the group's ranks from the cached embeddings);
-- `mrsp-shared`: `mrsp` whose old, reference and update forwards run each question's prompt
-  once for its G responses (`stages/mrsp/shared.py`, Prefix Grouper).
+- `mrsp-shared`: `mrsp` whose reference and update forwards run each question's prompt once
+  for its G responses (`stages/mrsp/shared.py`, Prefix Grouper), and whose old log-probs are
+  the update forward's, detached (an on-policy step: `lvr rl`'s default with one PPO epoch
+  and one mini-batch, `algo.reuse_old_logprobs`), so it runs no old-policy forward;
+- `mrsp-shared-2pass`: `mrsp-shared` with the separate old-policy forward
+  (`algo.reuse_old_logprobs = false`, or any off-policy setting). Every other mode runs the
+  separate old forward too, as verl does.
 
 A step processes `launch.nproc_per_node` questions in every mode (one per data-parallel
 rank, or several in turn per SP group), so every mode does the same useful work.
@@ -45,6 +50,7 @@ from pathlib import Path
 import torch
 
 from stages.algo.grpo import group_advantages, grpo_loss, pad_rows
+from stages.flops import ModelShape, bench_step_flops, gemm_peak
 from stages.models.adapter import VLAdapter
 from stages.models.patchify import patchify
 from stages.mrsp.dist import Grid, all_reduce_sum, average_gradients, init_grid
@@ -52,8 +58,10 @@ from stages.mrsp.rollout import Sampling
 from stages.mrsp.runtime import Mode, Runtime, Sample, VideoInput
 from stages.setup import load_policy, load_reference, make_runtime, open_grid
 
-MODES = {"vanilla": ("vanilla", False), "peer": ("peer", True), "mrsp-1": ("mrsp", False), "mrsp": ("mrsp", True),
-         "mrsp-shared": ("mrsp-shared", True)}
+# bench mode -> (runtime mode, SP over the grid, old log-probs taken from the update forward)
+MODES = {"vanilla": ("vanilla", False, False), "peer": ("peer", True, False), "mrsp-1": ("mrsp", False, False),
+         "mrsp": ("mrsp", True, False), "mrsp-shared": ("mrsp-shared", True, True),
+         "mrsp-shared-2pass": ("mrsp-shared", True, False)}
 PHASES = ("vision", "rollout", "old", "ref", "update")
 
 
@@ -143,12 +151,14 @@ def synthetic_sample(rt: Runtime, frames: int, size: int, index: int) -> Sample:
 
 
 def step_loss(rt: Runtime, ref: VLAdapter, samples, responses, rewards, G, algo, timers, memory, cap,
-              optimizer=None) -> list[tuple[float, float]]:
-    """Old + reference + update forwards of one step; return per question its update loss and
-    its mean old-policy token log-prob."""
+              optimizer=None, reuse_old: bool = False) -> list[tuple[float, float]]:
+    """Old + reference + update forwards of one step (no old forward with `reuse_old`: the
+    update forward's log-probs, detached, are the old ones); return per question its update
+    loss and its mean old-policy token log-prob."""
     old, refs = [], []
+    passes = (("ref", refs, ref),) if reuse_old else (("old", old, None), ("ref", refs, ref))
     with torch.no_grad():
-        for phase, out, model in (("old", old, None), ("ref", refs, ref)):
+        for phase, out, model in passes:
             with Phase(timers, phase, rt):
                 for s, resp in zip(samples, responses):
                     out.append(rt.logprobs(s, resp, model=model)[0])
@@ -157,7 +167,10 @@ def step_loss(rt: Runtime, ref: VLAdapter, samples, responses, rewards, G, algo,
     out = []
     with Phase(timers, "update", rt):
         for q, (s, resp) in enumerate(zip(samples, responses)):
-            lp, mask = pad_rows(rt.logprobs(s, resp)[0])
+            lps = rt.logprobs(s, resp)[0]
+            if reuse_old:
+                old.append([x.detach() for x in lps])
+            lp, mask = pad_rows(lps)
             loss, _ = grpo_loss(lp, pad_rows(old[q])[0], pad_rows(refs[q])[0], adv[q * G:(q + 1) * G], mask,
                                 algo.clip_low, algo.clip_high, algo.dual_clip, algo.loss_agg, algo.kl_coef,
                                 algo.kl_kind, algo.kl_clamp, horizon=len(resp[0]) if resp else None)
@@ -178,7 +191,7 @@ def check_cap(memory: PeakMemory, cap: float | None) -> None:
 
 def bench_mode(name, frames, recipe, adapter, ref, grids, initial, memory, ref_responses) -> dict:
     b, algo = recipe.bench, recipe.algo
-    mode_name, use_sp = MODES[name]
+    mode_name, use_sp, reuse_old = MODES[name]
     grid = grids["sp"] if use_sp else grids["one"]
     rt = make_runtime(recipe, adapter, grid, Mode.named(mode_name))
     adapter.model.load_state_dict(initial)
@@ -199,7 +212,8 @@ def bench_mode(name, frames, recipe, adapter, ref, grids, initial, memory, ref_r
                                  for q in qids])  # a question's rewards do not depend on the mode
             if step == 0:  # the parity check: same rollouts, same weights -> same numbers in every mode
                 first = step_loss(rt, ref, samples, ref_responses(qids), rewards, G, algo,
-                                  dict.fromkeys(PHASES, 0.0), memory, None)[qids.index(grid.rank)]
+                                  dict.fromkeys(PHASES, 0.0), memory, None,
+                                  reuse_old=reuse_old)[qids.index(grid.rank)]
                 rt.new_step()  # the timed step starts cold: no embedding cached, counters at zero
                 rt.reset_counters()
                 memory.reset()
@@ -215,7 +229,8 @@ def bench_mode(name, frames, recipe, adapter, ref, grids, initial, memory, ref_r
                 groups = rt.generate(samples, G, sampling)
             check_cap(memory, b.memory_cap_gb)
             responses = [[r.token_ids for r in g] for g in groups]
-            step_loss(rt, ref, samples, responses, rewards, G, algo, timers, memory, b.memory_cap_gb, opt)
+            step_loss(rt, ref, samples, responses, rewards, G, algo, timers, memory, b.memory_cap_gb, opt,
+                      reuse_old=reuse_old)
             elapsed = time.perf_counter() - t0
             if step >= b.warmup_steps:
                 times.append((elapsed, timers))
@@ -228,7 +243,14 @@ def bench_mode(name, frames, recipe, adapter, ref, grids, initial, memory, ref_r
         return {"mode": name, "frames": frames, "oom": True, "reason": str(e).splitlines()[0][:200]}
     med = statistics.median(t for t, _ in times)
     breakdown = {p: statistics.median(tm[p] for _, tm in times) for p in PHASES}
-    return {"mode": name, "frames": frames, "oom": False, "seconds_per_step": med, "breakdown": breakdown,
+    flops = bench_step_flops(ModelShape.of(adapter), prompt=int(samples[0].prompt.input_ids.shape[0]),
+                             response=b.response_tokens, G=G, questions=len(qids) * grid.dp_size,
+                             grid_thw=samples[0].video.grid_thw,
+                             encodes_per_video=counters["vision_encodes"] / len(qids),
+                             prefills_per_question=1 if rt.mode.group_rollouts else G,
+                             shared_prompt=rt.mode.shared_prompt, old_pass=not reuse_old)
+    flops["step"] = sum(flops.values())
+    return {"flops": flops, "mode": name, "frames": frames, "oom": False, "seconds_per_step": med, "breakdown": breakdown,
             "peak_memory_gb": peak, "vision_encodes_per_video": counters["vision_encodes"] / len(qids),
             "video_tokens": int(samples[0].prompt.input_ids.eq(adapter.video_token_id).sum()),
             "prompt_tokens": int(samples[0].prompt.input_ids.shape[0]), "first_step_loss": first[0],
@@ -246,6 +268,7 @@ def run(recipe, run) -> dict:
     adapter.model.model.visual.requires_grad_(False)
     ref = load_reference(recipe, grid, adapter)
     initial = {k: v.detach().clone() for k, v in adapter.model.state_dict().items()}
+    peak = gemm_peak(grid, next(adapter.model.parameters()).dtype)  # the limit MFU is measured against
     memory = PeakMemory(grid.device)
     results = []
     with run.progress("bench-mrsp", len(b.frames) * len(b.modes)) as bar:
@@ -279,7 +302,17 @@ def run(recipe, run) -> dict:
                     raise RuntimeError(f"bench: modes disagree on the {key.replace('_', ' ')} at {frames} frames "
                                        f"(max difference {worst:.3g})")
     memory.close()
-    return report(recipe, run, grid, results)
+    return report(recipe, run, grid, [with_mfu(r, peak) for r in results], peak)
+
+
+def with_mfu(res: dict, peak: dict) -> dict:
+    """`res` with achieved FLOP/s (all processes' FLOPs over rank 0's seconds) and MFU
+    (against every process's measured matmul rate added up), per phase and per step."""
+    if res["oom"]:
+        return res
+    seconds = {**res["breakdown"], "step": res["seconds_per_step"]}
+    rate = {k: (f / seconds[k] if seconds[k] > 0 else 0.0) for k, f in res["flops"].items()}
+    return {**res, "flops_per_s": rate, "mfu": {k: v / peak["all_processes"] for k, v in rate.items()}}
 
 
 def gather_peak(res: dict, grid: Grid) -> dict:
@@ -289,15 +322,18 @@ def gather_peak(res: dict, grid: Grid) -> dict:
     return {**res, "peak_memory_gb": all_reduce_sum([res["peak_memory_gb"]], grid, op="max")[0]}
 
 
-def report(recipe, run, grid: Grid, results: list[dict]) -> dict:
+def report(recipe, run, grid: Grid, results: list[dict], peak: dict) -> dict:
     b = recipe.bench
     modes = list(b.modes)
     table = markdown_table(results, modes, b.frames)
+    mfu = mfu_table(results, modes, b.frames)
     speedups = {}
     for f in b.frames:
         row = {r["mode"]: r for r in results if r["frames"] == f}
         best = "mrsp" if "mrsp" in row else ("mrsp-1" if "mrsp-1" in row else None)
-        for fast, slower in ((best, ("vanilla", "peer")), ("mrsp-shared", ("vanilla", "peer", "mrsp"))):
+        pairs = ((best, ("vanilla", "peer")), ("mrsp-shared", ("vanilla", "peer", "mrsp", "mrsp-shared-2pass")),
+                 ("mrsp-shared-2pass", ("vanilla", "peer", "mrsp")))
+        for fast, slower in pairs:
             if fast not in row or row[fast]["oom"]:
                 continue
             for other in slower:
@@ -315,17 +351,18 @@ def report(recipe, run, grid: Grid, results: list[dict]) -> dict:
         data = {"name": b.name, "machine": machine, "model": recipe.model.path, "world_size": grid.world_size,
                 "sp_size": recipe.mrsp.sp_size, "rollout_n": recipe.rollout.n,
                 "response_tokens": b.response_tokens, "frame_size": b.frame_size, "steps": b.steps,
-                "warmup_steps": b.warmup_steps, "results": results, "speedups": speedups, "env": env}
+                "warmup_steps": b.warmup_steps, "peak_flops": peak, "results": results, "speedups": speedups,
+                "env": env}
         (out / f"{b.name}.json").write_text(json.dumps(data, indent=2) + "\n")
         (out / f"{b.name}.md").write_text(f"Machine: {machine}; model {recipe.model.path}; G = {recipe.rollout.n}, "
                                          f"{b.response_tokens} response tokens, frames {b.frame_size}x{b.frame_size}.\n\n"
-                                         + table + "\n")
+                                         + table + "\n\n" + peak_line(peak) + "\n\n" + mfu + "\n")
         plot(results, modes, out / f"{b.name}.png", machine)
         for name in (f"{b.name}.json", f"{b.name}.md", f"{b.name}.png"):
             (run.path / name).write_bytes((out / name).read_bytes())
         from rich.console import Console
 
-        Console().print(table)
+        Console().print(table + "\n\n" + peak_line(peak) + "\n\n" + mfu)
     return {"results": len(results), "oom": sum(r["oom"] for r in results), **speedups, "out_dir": b.out_dir,
             "failed": 0}
 
@@ -345,6 +382,28 @@ def markdown_table(results: list[dict], modes: list[str], frames: list[int]) -> 
             lines.append(f"| {f} | {m} | {r['seconds_per_step']:.2f} | " + " | ".join(f"{bd[p]:.2f}" for p in PHASES)
                          + f" | {r['peak_memory_gb']:.2f} | {r['vision_encodes_per_video']:g} "
                          f"| {r['train_forward_tokens'] // r['questions_per_rank']} |")
+    return "\n".join(lines)
+
+
+def peak_line(peak: dict) -> str:
+    return (f"Measured matmul peak ({peak['dtype']} {peak['gemm']} torch.mm): "
+            f"{peak['per_process'] / 1e9:.1f} GFLOP/s on one process alone, {peak['all_processes'] / 1e9:.1f} GFLOP/s "
+            f"on all {peak['processes']} processes at once; MFU is against the latter.")
+
+
+def mfu_table(results: list[dict], modes: list[str], frames: list[int]) -> str:
+    """Per frame count and mode: GFLOPs of the step (all processes), achieved GFLOP/s, and
+    MFU in % per step and per phase."""
+    cols = ("step", *PHASES)
+    lines = ["| frames | mode | GFLOP/step | GFLOP/s | " + " | ".join(f"MFU % {c}" for c in cols) + " |",
+             "|---:|---|---:|---:|" + "---:|" * len(cols)]
+    for f in frames:
+        for m in modes:
+            r = next((x for x in results if x["frames"] == f and x["mode"] == m), None)
+            if r is None or r["oom"]:
+                continue
+            lines.append(f"| {f} | {m} | {r['flops']['step'] / 1e9:.2f} | {r['flops_per_s']['step'] / 1e9:.2f} | "
+                         + " | ".join(f"{100 * r['mfu'][c]:.1f}" if r["flops"][c] > 0 else "" for c in cols) + " |")
     return "\n".join(lines)
 
 

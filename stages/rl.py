@@ -22,7 +22,13 @@ Where it departs from the paper:
   with gradients, embeddings are dropped after each optimizer step, and the reference
   encodes with its own tower (`Runtime.embed`).
 - Old-policy log-probs are recomputed by a teacher-forced forward (as verl does), not taken
-  from the sampler, so the ratio is exact even when the engine's numerics differ.
+  from the sampler, so the ratio is exact even when the engine's numerics differ. On-policy
+  steps (`algo.ppo_epochs = 1`, `algo.mini_batches = 1`, the default) skip that forward: the
+  policy that sampled is the one being updated, so the update forward's own log-probs,
+  detached, are the old ones (TRL with `num_iterations = 1`); the ratio is exactly 1 and
+  clipping inactive. `algo.kl_in_reward` needs the old log-probs before the advantages, so it
+  keeps the separate forward, as does `algo.reuse_old_logprobs = false`; the metric
+  `old_logprobs_reused` (1/0) says which path ran.
 - With `mrsp.shared_prompt` (the default) the old, reference and update forwards run each
   question's prompt once for its G responses (Prefix Grouper, arXiv 2506.05433), packing the
   groups of a micro-batch into one sequence: same log-probs and gradients, fewer tokens
@@ -79,6 +85,9 @@ class GRPOTrainer:
         self.per_rank = r.train.global_batch // self.grid.dp_size  # questions per rank per step
         self.micro = r.train.micro_batch_per_rank
         self.mini = self.per_rank // self.algo.mini_batches  # questions per mini-batch
+        # on-policy: the update forward's log-probs, detached, are the old policy's (module docstring)
+        self.reuse_old = (self.algo.reuse_old_logprobs and self.algo.ppo_epochs == 1
+                          and self.algo.mini_batches == 1 and not self.algo.kl_in_reward)
         optimizer_steps = r.train.steps * self.algo.ppo_epochs * self.algo.mini_batches
         self.s = setup(r, self.grid, reference=self.algo.kl_coef > 0,
                        train=(optimizer_steps, self.mini // self.micro))
@@ -137,10 +146,12 @@ class GRPOTrainer:
         # 3. rewards
         b.rewards = [self.reward(s, rt.response_text(ids)) for s, g in zip(b.samples, b.responses) for ids in g]
 
-        # 4. old-policy and reference log-probs (no gradient, embedding reused), a micro-batch per forward
+        # 4. old-policy and reference log-probs (no gradient, embedding reused), a micro-batch per
+        #    forward; on-policy steps take the old ones from the update forward instead (step 6)
         with torch.no_grad():
-            with Timer(b.timers, "old"):
-                b.old = self.logprobs(b)
+            if not self.reuse_old:
+                with Timer(b.timers, "old"):
+                    b.old = self.logprobs(b)
             with Timer(b.timers, "ref"):
                 b.refs = self.logprobs(b, model=self.s.ref) if self.s.ref is not None else []
 
@@ -153,7 +164,7 @@ class GRPOTrainer:
         b.advantages = group_advantages(reward_t, G, scale_by_std=algo.scale_by_std) if b.samples else reward_t
         b.group_std = reward_t.view(-1, G).std(dim=1) if b.samples else reward_t
         keep = b.group_std > 0 if algo.drop_zero_variance_groups else torch.ones_like(b.group_std, dtype=torch.bool)
-        b.masks = [pad_rows(g)[1] & bool(keep[q]) for q, g in enumerate(b.old)]
+        b.masks = [length_mask([len(r) for r in g]) & bool(keep[q]) for q, g in enumerate(b.responses)]
 
         # 6. clipped objective + KL: ppo_epochs x mini_batches optimizer steps, each mini-batch's
         #    loss reduced over all its tokens on every data-parallel rank
@@ -218,8 +229,9 @@ class GRPOTrainer:
                 lp, _ = pad_rows([x for g in lps for x in g])
                 mask = pad_rows_mask([b.masks[q] for q in idx], lp.shape[1])
                 width = lp.shape[1]
+                old = lp.detach() if self.reuse_old else _rows([x for q in idx for x in b.old[q]], width)
                 loss, st = grpo_loss(
-                    lp, _rows([x for q in idx for x in b.old[q]], width),
+                    lp, old,
                     _rows([x for q in idx for x in b.refs[q]], width) if kl_ref else None,
                     torch.cat([b.advantages[q * G:(q + 1) * G] for q in idx]), mask,
                     algo.clip_low, algo.clip_high, algo.dual_clip, algo.loss_agg, algo.kl_coef, algo.kl_kind,
@@ -290,6 +302,13 @@ def _rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
     return _widen(pad_rows(rows)[0], width)
 
 
+def length_mask(lengths: list[int]) -> torch.Tensor:
+    """`[len(lengths), max(lengths, 1)]` bool, row i true on its first `lengths[i]` positions
+    (the mask `pad_rows` gives rows of these lengths)."""
+    T = max(lengths + [1])
+    return torch.arange(T)[None, :] < torch.tensor(lengths, dtype=torch.long)[:, None]
+
+
 def pad_rows_mask(masks: list[torch.Tensor], width: int) -> torch.Tensor:
     """The questions' `[G, T_q]` masks stacked to `[sum G, width]`."""
     return torch.cat([_widen(m, width) for m in masks]) if masks else torch.zeros(0, width, dtype=torch.bool)
@@ -324,6 +343,7 @@ def step_metrics(b: StepBatch, t: GRPOTrainer, G: int) -> dict:
     sums = dp_mean({f"{c}/{i}": v[i] for c, v in per_cat.items() for i in (0, 1)}, grid)
     out.update({f"accuracy/{c}": sums[f"{c}/0"] / sums[f"{c}/1"] for c in CATEGORIES if sums[f"{c}/1"] > 0})
     out.update(t.rt.counters())
+    out["old_logprobs_reused"] = int(t.reuse_old)
     if torch.cuda.is_available():
         out["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in out.items()}

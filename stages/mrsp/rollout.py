@@ -2,7 +2,7 @@
 
 Every engine implements one interface, so `stages/rl.py` does not care which one runs:
 
-    engine.generate(prompts: list[RolloutPrompt], n: int, sampling: Sampling)
+    engine.generate(prompts: list[RolloutPrompt], n: int, sampling: Sampling | list[Sampling])
         -> list[list[Rollout]]          # outer: per prompt, inner: its n rollouts
     engine.sync_weights()               # after each optimizer step
 
@@ -12,8 +12,9 @@ tower (MR-SP's embedding reuse). A vLLM engine takes the same embeddings as vide
 inputs and copies the policy weights in `sync_weights`.
 
 `HFEngine` (CPU and GPU) prefills each prompt ONCE, expands its KV cache to the n rows of the
-group and decodes the n continuations together: the long video prompt is processed once
-per group, not once per rollout. Text positions after the prompt are `index + rope_delta`
+group and decodes the n continuations of every prompt of the call together (one batch of
+prompts x n rows, shorter prompts left-padded in the cache): the long video prompt is
+processed once per group, not once per rollout, and a decode step serves all groups. Text positions after the prompt are `index + rope_delta`
 on all three mRoPE axes, which is what the model's own `get_rope_index` gives the same
 tokens in a teacher-forced forward over prompt + response.
 
@@ -148,60 +149,96 @@ class HFEngine:
     def _next_logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
         return self.adapter.lm_head(hidden_last).float()
 
-    def generate(self, prompts: list[RolloutPrompt], n: int, sampling: Sampling) -> list[list[Rollout]]:
-        """Return `n` rollouts of every prompt (outer list: prompts, inner: rollouts)."""
+    def generate(self, prompts: list[RolloutPrompt], n: int, sampling: Sampling | list[Sampling]
+                 ) -> list[list[Rollout]]:
+        """Return `n` rollouts of every prompt (outer list: prompts, inner: rollouts), all
+        prompts decoded together (`_generate_batch`).
+
+        `sampling`: one for every prompt (prompt k's rows draw from a generator seeded
+        `seed * 1_000_003 + k`), or one per prompt (prompt k's generator seeded
+        `sampling[k].seed * 1_000_003`, so a prompt's samples do not depend on the others in
+        the call); a list must agree on everything but the seed."""
+        samplings = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
+        if len(samplings) != len(prompts):
+            raise ValueError(f"{len(samplings)} samplings for {len(prompts)} prompts")
+        if not prompts:
+            return []
+        first = samplings[0]
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        if sampling.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {sampling.max_new_tokens}")
-        if sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {sampling.temperature}, {sampling.top_p}")
+        if first.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {first.max_new_tokens}")
+        if first.temperature < 0 or not 0 < first.top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {first.temperature}, {first.top_p}")
+        shape = (first.temperature, first.top_p, first.max_new_tokens, first.stop_token_ids)
+        if any((s.temperature, s.top_p, s.max_new_tokens, s.stop_token_ids) != shape for s in samplings):
+            raise ValueError("the prompts' samplings differ in more than their seeds")
+        streams = [0] * len(prompts) if isinstance(sampling, (list, tuple)) else list(range(len(prompts)))
         model = self.adapter.model
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                return [self._generate_group(p, i, n, sampling) for i, p in enumerate(prompts)]
+                return self._generate_batch(prompts, n, samplings, streams)
         finally:
             model.train(was_training)
 
-    def _generate_group(self, prompt: RolloutPrompt, index: int, n: int, sampling: Sampling) -> list[Rollout]:
+    def _generate_batch(self, prompts: list[RolloutPrompt], n: int, samplings: list[Sampling],
+                        streams: list[int]) -> list[list[Rollout]]:
+        """Prefill every prompt once (alone, batch 1), expand its KV cache to its `n` rows, and
+        decode the rows of all prompts as one batch.
+
+        Prompts of different lengths are left-padded in the merged cache, with an attention
+        mask hiding the padding; each row's positions continue its own prompt's
+        (`L_k + step + rope_delta_k` on every mRoPE axis), so padding moves no position.
+        A prompt's rows draw from its own generator, in one `sample_next` call over its `n`
+        rows per step as a prompt alone does: with bitwise-equal logits the samples are
+        those of decoding the prompt alone (the batched matmuls may round differently)."""
         a = self.adapter
-        ids = prompt.input_ids.reshape(-1)
-        L = ids.shape[0]
-        if prompt.position_ids.shape != (3, L):
-            raise ValueError(f"prompt {prompt.key!r}: position_ids {tuple(prompt.position_ids.shape)} != (3, {L})")
         device = a.lm_head.weight.device
+        sampling = samplings[0]
         stop_ids = sampling.stop_token_ids if sampling.stop_token_ids is not None else default_stop_ids(a)
         stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
         pad_id = a.tokenizer.pad_token_id
         pad_id = pad_id if pad_id is not None else (stop_ids[0] if stop_ids else 0)
         banned = torch.tensor(self.banned_token_ids, dtype=torch.long, device=device)
+        generators = [self._generator(s, k, device) for s, k in zip(samplings, streams)]
 
-        generator = None
-        if not sampling.greedy:
-            generator = torch.Generator(device=device)
-            if sampling.seed is None:
-                generator.seed()
-            else:  # distinct, reproducible stream per prompt of the batch
-                generator.manual_seed((sampling.seed * 1_000_003 + index) % (2 ** 63))
+        caches, logits, lengths = [], [], []
+        for p in prompts:
+            ids = p.input_ids.reshape(-1)
+            L = ids.shape[0]
+            if p.position_ids.shape != (3, L):
+                raise ValueError(f"prompt {p.key!r}: position_ids {tuple(p.position_ids.shape)} != (3, {L})")
+            h, cache = a.hidden_states(ids[None].to(device), p.position_ids[:, None, :].to(device), p.videos,
+                                       use_cache=True)
+            self.prefills += 1
+            self.prefill_tokens += L
+            logits.append(self._next_logits(h[:, -1]).expand(n, -1))
+            caches.append(cache)
+            lengths.append(L)
+        cache, attention = merge_caches(caches, lengths, n)
+        logits = torch.cat(logits)
+        B = len(prompts) * n
+        # row r of prompt k: position of decode step s is L_k + s + rope_delta_k
+        start = torch.tensor([L + p.rope_delta for L, p in zip(lengths, prompts)],
+                             dtype=torch.long, device=device).repeat_interleave(n)
 
-        h, cache = a.hidden_states(ids[None].to(device), prompt.position_ids[:, None, :].to(device),
-                                   prompt.videos, use_cache=True)
-        self.prefills += 1
-        self.prefill_tokens += L
-        logits = self._next_logits(h[:, -1]).expand(n, -1)
-        if n > 1:
-            cache.batch_repeat_interleave(n)
-
-        tokens: list[list[int]] = [[] for _ in range(n)]
-        logps: list[list[float]] = [[] for _ in range(n)]
-        done = torch.zeros(n, dtype=torch.bool, device=device)
+        tokens: list[list[int]] = [[] for _ in range(B)]
+        logps: list[list[float]] = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool, device=device)
         for step in range(sampling.max_new_tokens):
             logp = torch.log_softmax(logits, dim=-1)  # untempered, unbanned: what training recomputes
             if banned.numel():
                 logits = logits.index_fill(-1, banned, float("-inf"))
-            nxt = sample_next(logits, sampling, generator)
+            if sampling.greedy or len(prompts) == 1:
+                nxt = sample_next(logits, sampling, generators[0])
+            else:
+                nxt = torch.full((B,), pad_id, dtype=torch.long, device=device)
+                for k, g in enumerate(generators):
+                    rows = slice(k * n, (k + 1) * n)
+                    if not bool(done[rows].all()):  # a finished prompt draws no more
+                        nxt[rows] = sample_next(logits[rows], sampling, g)
             chosen = logp.gather(-1, nxt[:, None]).squeeze(-1)
             for r in (~done).nonzero().flatten().tolist():
                 tokens[r].append(int(nxt[r]))
@@ -210,16 +247,62 @@ class HFEngine:
             if bool(done.all()) or step + 1 == sampling.max_new_tokens:
                 break
             feed = nxt.masked_fill(done, pad_id)  # finished rows are fed pad; their outputs are ignored
-            pos = torch.full((3, n, 1), L + step + prompt.rope_delta, dtype=torch.long, device=device)
-            h, cache = a.hidden_states(feed[:, None], pos, cache=cache, use_cache=True)
+            pos = (start + step)[None, :, None].expand(3, B, 1)
+            if attention is not None:
+                attention = torch.cat([attention, attention.new_ones(B, 1)], dim=1)
+            h, cache = a.hidden_states(feed[:, None], pos, cache=cache, use_cache=True, attention_mask=attention)
             self.decode_steps += 1
             logits = self._next_logits(h[:, -1])
 
         stop_set = set(stop_ids)
         out = []
-        for r in range(n):
-            self.generated_tokens += len(tokens[r])
-            finished = bool(tokens[r]) and tokens[r][-1] in stop_set
-            text = a.tokenizer.decode(tokens[r], skip_special_tokens=False)
-            out.append(Rollout(prompt.key, tokens[r], logps[r], finished, text))
+        for k, p in enumerate(prompts):
+            group = []
+            for r in range(k * n, (k + 1) * n):
+                self.generated_tokens += len(tokens[r])
+                finished = bool(tokens[r]) and tokens[r][-1] in stop_set
+                text = a.tokenizer.decode(tokens[r], skip_special_tokens=False)
+                group.append(Rollout(p.key, tokens[r], logps[r], finished, text))
+            out.append(group)
         return out
+
+    @staticmethod
+    def _generator(sampling: Sampling, stream: int, device) -> torch.Generator | None:
+        """The prompt's own random stream (None when greedy)."""
+        if sampling.greedy:
+            return None
+        generator = torch.Generator(device=device)
+        if sampling.seed is None:
+            generator.seed()
+        else:  # distinct, reproducible stream per prompt of the batch
+            generator.manual_seed((sampling.seed * 1_000_003 + stream) % (2 ** 63))
+        return generator
+
+
+def merge_caches(caches: list, lengths: list[int], n: int):
+    """One KV cache of `len(caches) * n` rows from the prompts' one-row caches (each repeated
+    `n` times, left-padded with zeros to the longest prompt), and the `[rows, longest]` 0/1
+    attention mask over it (None when no row is padded)."""
+    from transformers.cache_utils import DynamicLayer
+
+    first = caches[0]
+    if len(caches) == 1:
+        if n > 1:
+            first.batch_repeat_interleave(n)
+        return first, None
+    if any(type(layer) is not DynamicLayer for c in caches for layer in c.layers):
+        raise NotImplementedError("batched rollouts need full (not sliding-window) KV cache layers")
+    longest = max(lengths)
+
+    def stacked(tensors: list[torch.Tensor]) -> torch.Tensor:  # each [1, H, L_k, D]
+        return torch.cat([torch.nn.functional.pad(t, (0, 0, longest - t.shape[2], 0)).repeat_interleave(n, dim=0)
+                          for t in tensors])
+
+    for i, layer in enumerate(first.layers):
+        layer.keys = stacked([c.layers[i].keys for c in caches])
+        layer.values = stacked([c.layers[i].values for c in caches])
+    if all(L == longest for L in lengths):
+        return first, None
+    device = first.layers[0].keys.device
+    attention = torch.stack([torch.arange(longest, device=device) >= longest - L for L in lengths])
+    return first, attention.long().repeat_interleave(n, dim=0)

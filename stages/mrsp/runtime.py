@@ -207,7 +207,8 @@ class Runtime:
     def generate(self, samples: list[Sample], n: int, sampling: Sampling, first_index: int = 0
                  ) -> list[list[Rollout]]:
         """`n` rollouts of every sample (outer: samples). MR-SP/peer: one encode and one prefill
-        per prompt; vanilla: every rollout encodes the video and prefills on its own.
+        per prompt, the rows of all this rank's prompts decoded as one batch; vanilla: every
+        rollout encodes the video and prefills on its own.
 
         MR-SP over an SP group deals the prompts out to the group's ranks (sample i to rank
         i mod sp) and all-gathers the rollouts, so the group prefills and decodes each prompt
@@ -234,13 +235,17 @@ class Runtime:
         `alone`: the other ranks of the SP group are busy with other samples, so a video not
         in the cache is encoded on this rank (the peer way: the rollout engine encodes its
         own prompts' videos)."""
+        if self.mode.group_rollouts:  # every prompt prefilled once, all groups decoded as one batch
+            with torch.no_grad():
+                for s in samples:
+                    s.prompt.videos = [self.embed(s, alone=alone)]
+            out = self.engine.generate([s.prompt for s in samples], n,
+                                       [self._seeded(sampling, i) for i in indices]) if samples else []
+            for s in samples:
+                s.prompt.videos = []
+            return out
         out = []
         for i, s in zip(indices, samples):
-            if self.mode.group_rollouts:
-                with torch.no_grad():
-                    s.prompt.videos = [self.embed(s, alone=alone)]
-                out.append(self.engine.generate([s.prompt], n, self._seeded(sampling, i))[0])
-                continue
             group = []
             for r in range(n):
                 with torch.no_grad():

@@ -146,8 +146,8 @@ def test_one_prefill_per_prompt_shared_by_the_group(adapters):
     assert prefills == [(1, L0), (1, L1)]
     assert engine.prefills == 2 and engine.prefill_tokens == L0 + L1
     decodes = [(b, t) for b, t, _ in calls if t == 1]
-    assert decodes and all(d == (4, 1) for d in decodes)
-    assert engine.decode_steps == len(decodes) == sum(max(len(r) for r in g) - 1 for g in groups)
+    assert decodes and all(d == (8, 1) for d in decodes)  # both groups' rows decode as one batch
+    assert engine.decode_steps == len(decodes) == max(len(r) for g in groups for r in g) - 1
     assert [len(g) for g in groups] == [4, 4]
     assert [g[0].prompt_key for g in groups] == ["p0", "p1"]
     assert engine.generated_tokens == sum(len(r) for g in groups for r in g)
