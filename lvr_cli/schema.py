@@ -16,7 +16,8 @@ from stages.data.records import CATEGORIES
 from lvr_cli.sections import (SCHEMA_VERSION, BackendSection, CheckpointSection, DataSection,  # noqa: F401
                               DeepspeedSection, Fraction, HubSection, LaunchSection, ModelSection, MrspSection,
                               NonNegInt, OptimSection, OutputSection, PosFloat, PosInt, PromptSection, RecipeError,
-                              RolloutSection, Section, TrainedModelSection, TrainSection, VideoSection)
+                              RolloutSection, Section, ShardedDataSection, TrainedModelSection, TrainSection,
+                              VideoSection)
 
 
 # -- stage recipes -------------------------------------------------------------------------------
@@ -36,6 +37,14 @@ class Recipe(Section):
         mrsp = getattr(self, "mrsp", None)
         if isinstance(mrsp, (MrspSection, BenchMrspSection)) and self.world_size() % mrsp.sp_size:
             raise ValueError(f"mrsp.sp_size: {mrsp.sp_size} does not divide the world size {self.world_size()}")
+        return self
+
+    @model_validator(mode="after")
+    def _shards_are_not_pushed(self):
+        hub = getattr(self, "hub", None)
+        if getattr(getattr(self, "data", None), "shard", None) and isinstance(hub, HubSection) and hub.push:
+            raise ValueError("hub.push: a shard is part of a dataset: `lvr merge` the shards, "
+                             "then `lvr push` the merged run")
         return self
 
 
@@ -81,7 +90,7 @@ class CaptionSpec(Section):
 
 class CaptionRecipe(Recipe):
     stage: Literal["caption"] = "caption"
-    data: DataSection
+    data: ShardedDataSection
     video: VideoSection = VideoSection()
     caption: CaptionSpec = CaptionSpec()
     backend: BackendSection = BackendSection()
@@ -105,7 +114,7 @@ class QASpec(Section):
 
 class GenerateQARecipe(Recipe):
     stage: Literal["generate-qa"] = "generate-qa"
-    data: DataSection
+    data: ShardedDataSection
     qa: QASpec = QASpec()
     backend: BackendSection = BackendSection()
     grounding_backend: BackendSection | None = None
@@ -134,7 +143,7 @@ class FilterSpec(Section):
 
 class FilterRecipe(Recipe):
     stage: Literal["filter"] = "filter"
-    data: DataSection
+    data: ShardedDataSection
     model: ModelSection = ModelSection()
     video: VideoSection = VideoSection()
     filter: FilterSpec = FilterSpec()
