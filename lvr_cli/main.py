@@ -157,20 +157,23 @@ def filter_(recipe: RecipeArg, overrides: OverridesArg = None, allow_failures: A
 
 @app.command()
 def merge(targets: Annotated[list[str], typer.Argument(
-              help="RECIPE [dotted.key=value ...]: merge <output dir>/shard-i-of-N into <output dir>; "
-                   "or OUT_DIR SHARD_DIR...", show_default=False)],
+              metavar="TARGETS", show_default=False,
+              help="a recipe and its dotted.key=value overrides: merge <output dir>/shard-i-of-N into "
+                   "<output dir>; or the folder to merge into and the shard directories")],
           allow_failures: AllowFailures = False) -> None:
-    """Merge the finished shards (data.shard = "i/N") of caption, generate-qa or filter into one run, in input order."""
+    """Join the finished shards (data.shard = "i/N") of caption, generate-qa or filter into one run, in input order."""
+    from pydantic import ValidationError
+
     from lvr_cli.recipes import STAGES, default_output_dir, recipe_hash, resolved
     from lvr_cli.rundir import print_summary
     from stages import shards
     from stages.env import environment
 
     recipe = None
-    if targets[0].endswith(".toml"):
+    if targets[0].endswith(".toml"):  # the recipe's output dir holds the shards and gets the merge
         recipe = load(Path(targets[0]), targets[1:])
         out = default_output_dir(recipe, targets[0])
-        dirs = shards.find_shards(out)
+        dirs = shards.find_shards(out) or fail(f"{out}: no shard directories (shard-i-of-N) to merge")
     elif len(targets) < 2:
         fail("merge: give a recipe, or an output folder and the shard directories")
     else:
@@ -183,10 +186,13 @@ def merge(targets: Annotated[list[str], typer.Argument(
         summary = shards.merge(out, runs, shards.plan_for(merged))
     except shards.MergeError as e:
         fail(str(e))
+    except ValidationError as e:
+        fail(f"{runs[0].path / 'recipe.json'}: not a valid {data['stage']} recipe of this lvr "
+             f"({e.error_count()} error(s)); rerun the shards")
     (out / "recipe.json").write_text(json.dumps(data, indent=2) + "\n")
     env = environment() | {"recipe_sha256": recipe_hash(merged), "merged_from": [str(r.path) for r in runs]}
     (out / "env.json").write_text(json.dumps(env, indent=2) + "\n")
-    shards.write_summary(out, summary)
+    shards.write_summary(out, summary)  # last: a merge killed before it is unfinished, and merged again
     print_summary(f"lvr merge: {out} ({len(runs)} shards)", summary)
     if summary.get("failed", 0) and not allow_failures:
         typer.echo(f"{summary['failed']} input(s) failed: see {out / 'errors.jsonl'} (--allow-failures to exit 0)",

@@ -267,6 +267,7 @@ def merge(out: Path, runs: list[ShardRun], plan: Plan) -> dict:
             raise MergeError(f"{run.path}: data.input lists other inputs now ({len(plan.units)}) than when shard "
                              f"{run.shard} ran ({run.info.get('units')}); merge where and when the shards ran")
     out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)  # unfinished until the merge is whole
     for name, place_of in plan.outputs.items():
         placed = []
         for run in runs:
@@ -274,7 +275,8 @@ def merge(out: Path, runs: list[ShardRun], plan: Plan) -> dict:
                 try:
                     unit, place = place_of(rec)
                 except (KeyError, TypeError):
-                    raise MergeError(f"{run.path / name}: line {k + 1} names an input data.input does not list") from None
+                    raise MergeError(f"{run.path / name}: line {k + 1} names an input "
+                                     "data.input does not list") from None
                 if not run.shard.owns(unit):
                     raise MergeError(f"{run.path / name}: {unit!r} belongs to shard "
                                      f"{shard_of(unit, run.shard.count)}/{run.shard.count}, not {run.shard}")
@@ -311,12 +313,12 @@ def merged_recipe(runs: list[ShardRun], output_dir: str | None) -> dict:
 
 
 def check_target(out: Path, runs: list[ShardRun]) -> None:
-    """Refuse to merge into a shard, or over a run directory that is not an earlier merge."""
+    """Refuse to merge into a shard, or over a run directory that is not an earlier merge (whose
+    env.json names the shards it came from)."""
     for run in runs:
         if out.resolve() == run.path.resolve():
             raise MergeError(f"{out}: is shard {run.shard}'s directory; merge into another folder")
-    summary = _read_json(out / "summary.json")
-    if (out / "recipe.json").exists() and (summary is None or "shards" not in summary):
+    if (out / "recipe.json").exists() and "merged_from" not in (_read_json(out / "env.json") or {}):
         raise MergeError(f"{out}: holds a run that is not a merge of shards; choose another folder")
 
 
@@ -329,6 +331,8 @@ def write_summary(out: Path, summary: dict) -> None:
 # -- the stages' plans -------------------------------------------------------------------------
 def plan_for(recipe) -> Plan:
     """The merge plan of `recipe`'s stage, from its whole listing as the stage makes it."""
+    if recipe.stage not in ("caption", "generate-qa", "filter"):
+        raise MergeError(f"stage: {recipe.stage!r} runs are not sharded (caption, generate-qa and filter are)")
     return {"caption": _caption_plan, "generate-qa": _generate_qa_plan, "filter": _filter_plan}[recipe.stage](recipe)
 
 

@@ -189,7 +189,8 @@ def test_merge_refuses_an_incomplete_duplicated_mixed_or_unfinished_set(caption_
         return err.strip().removeprefix("error: ")
 
     assert refused(s0) == "missing shard(s) 1/2 of 2 (have 0/2)"
-    assert refused(s0, copy_shard(s0, tmp_path / "again"), s1) == f"shard 0/2 given twice: {s0} and {tmp_path / 'again'}"
+    again = copy_shard(s0, tmp_path / "again")
+    assert refused(s0, again, s1) == f"shard 0/2 given twice: {s0} and {again}"
     third = copy_shard(s1, tmp_path / "third", data__shard="1/3")
     assert refused(s0, third) == f"shards of different splits: 0/2 ({s0}) and 1/3 ({third})"
     other = copy_shard(s1, tmp_path / "other", caption__frames_per_clip=8)
