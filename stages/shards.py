@@ -101,8 +101,9 @@ class Share:
 def launch_shard(recipe) -> str | None:
     """`"RANK/WORLD_SIZE"` for caption and generate-qa run as one of several processes
     (torchrun's RANK/WORLD_SIZE, else srun's SLURM_PROCID/SLURM_NTASKS) without a `data.shard`
-    of their own; None otherwise. Pins the process to its node-local GPU, where there is one,
-    so the ranks of a node do not all load their backend onto the first."""
+    of their own; None otherwise. Gives the process one GPU, its node-local rank's (among
+    CUDA_VISIBLE_DEVICES when that names several), so the ranks of a node do not all load their
+    backend onto the first; the variable, not torch, so a vLLM engine process inherits it."""
     env = os.environ
     if recipe.stage not in LAUNCH_SHARDED or recipe.data.shard is not None:
         return None
@@ -114,10 +115,9 @@ def launch_shard(recipe) -> str | None:
         return None
     if int(world) <= 1:
         return None
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(local) % torch.cuda.device_count())
+    visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if "CUDA_VISIBLE_DEVICES" not in env or len(visible) > 1:
+        env["CUDA_VISIBLE_DEVICES"] = visible[int(local) % len(visible)] if visible else str(int(local))
     return f"{int(rank)}/{int(world)}"
 
 

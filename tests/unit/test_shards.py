@@ -3,6 +3,7 @@ the rule, the schema, caption and filter shards merged equal one unsharded run, 
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -74,16 +75,21 @@ def test_only_data_stages_take_a_shard_and_a_shard_is_not_pushed():
 
 
 def test_the_launch_gives_caption_and_generate_qa_one_shard_per_process(monkeypatch):
-    for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
-        monkeypatch.delenv(k, raising=False)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
+              "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.setenv(k, "")  # recorded, so the test's end restores each
+        monkeypatch.delenv(k)
     cap = load_recipe(ROOT / "recipes/demo/caption.toml")
-    assert shards.launch_shard(cap) is None
+    assert shards.launch_shard(cap) is None and "CUDA_VISIBLE_DEVICES" not in os.environ
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_NTASKS", "4")
-    assert shards.launch_shard(cap) == "3/4"
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert shards.launch_shard(cap) == "3/4" and os.environ["CUDA_VISIBLE_DEVICES"] == "5"  # its node-local GPU
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's variables win over srun's
-    assert shards.launch_shard(cap) == "1/2"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert shards.launch_shard(cap) == "1/2" and os.environ["CUDA_VISIBLE_DEVICES"] == "0"
     assert shards.launch_shard(load_recipe(ROOT / "recipes/demo/caption.toml", ["data.shard=0/3"])) is None
     assert shards.launch_shard(load_recipe(ROOT / "recipes/demo/filter.toml")) is None  # filter: DP in one run
     monkeypatch.setenv("WORLD_SIZE", "1")
@@ -159,9 +165,10 @@ def test_merge_by_recipe_finds_the_shards_and_refuses_another_recipe(caption_run
     toml.write_text(f'stage = "caption"\n[data]\ninput = "{listing}"\n[output]\ndir = "{root / "split"}"\n'
                     '[caption]\nclip_seconds = 3.0\nframes_per_clip = 4\nmin_last_clip_s = 0.5\n'
                     '[video]\nmax_pixels = 3136\n')
-    code, out, err = merge_cli(toml, "--allow-failures")
-    assert code == 0, err
-    assert content(root / "split" / "captions.jsonl") == content(root / "whole" / "captions.jsonl")
+    for _ in range(2):  # merging again over an earlier merge rewrites it the same
+        code, out, err = merge_cli(toml, "--allow-failures")
+        assert code == 0, err
+        assert content(root / "split" / "captions.jsonl") == content(root / "whole" / "captions.jsonl")
     assert json.loads((root / "split" / "recipe.json").read_text())["output"]["dir"] == str(root / "split")
     code, _, err = merge_cli(toml, "caption.frames_per_clip=5")
     assert code == 2 and err.strip() == (f"error: {root / 'split' / 'shard-0-of-2'}: ran a different recipe than "
