@@ -36,8 +36,9 @@ SHARD_INFO = "shard.json"
 RULE = "sha256(unit) mod N"
 # stages whose single process would otherwise redo the whole input on every rank of a launch
 LAUNCH_SHARDED = ("caption", "generate-qa")
-# recipe keys that differ between the shards of one split and their merge
-PER_SHARD_KEYS = (("data", "shard"), ("output", "dir"), ("output", "overwrite"))
+# recipe keys in which the shards of one split may differ: where they write, and how many
+# processes each runs on (filter scores the same on any number: its seeds are per question)
+PER_SHARD_KEYS = (("data", "shard"), ("output", "dir"), ("output", "overwrite"), ("launch", None))
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,10 @@ def without_shard(recipe: dict) -> dict:
     """A shard's resolved recipe without the keys in which the shards of one split differ."""
     data = json.loads(json.dumps(recipe))
     for section, key in PER_SHARD_KEYS:
-        data.get(section, {}).pop(key, None)
+        if key is None:
+            data.pop(section, None)
+        else:
+            data.get(section, {}).pop(key, None)
     return data
 
 

@@ -54,6 +54,13 @@ def test_every_unit_has_exactly_one_shard_fixed_by_its_name():
     assert shard_dir(Path("runs/x"), None) == Path("runs/x")
 
 
+def test_shards_of_one_split_may_differ_in_where_they_write_and_their_process_count():
+    recipe = {"stage": "filter", "data": {"input": "qa.jsonl", "shard": "1/4"}, "launch": {"nproc_per_node": 8},
+              "output": {"dir": "runs/x", "overwrite": True}, "filter": {"samples": 10}}
+    assert shards.without_shard(recipe) == {"stage": "filter", "data": {"input": "qa.jsonl"}, "output": {},
+                                            "filter": {"samples": 10}}
+
+
 @pytest.mark.parametrize("text,why", [("2/2", "got '2/2'"), ("1", "got '1'"), ("-1/2", "got '-1/2'"),
                                       ("a/b", "got 'a/b'"), ("0/0", "got '0/0'")])
 def test_bad_shards_are_refused_in_one_line(text, why):
