@@ -231,7 +231,8 @@ def _records(run: ShardRun, name: str) -> list[tuple[str, dict]]:
     if not path.exists():
         return []
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    # split on "\n" only: a caption may hold U+2028 and the like, which JSON writes unescaped
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -248,8 +249,8 @@ def _write_lines(path: Path, lines: list[str]) -> None:
 
 
 def merge_values(values: list, same: bool = False):
-    """One summary field over the shards: settings and strings must agree, flags any, counts sum
-    (per key, for a dict of counts)."""
+    """One summary field over the shards: settings and strings the first shard's, flags any,
+    counts summed (per key, for a dict of counts)."""
     if same or all(isinstance(v, str) or v is None for v in values):
         return values[0]
     if all(isinstance(v, bool) for v in values):
@@ -383,6 +384,7 @@ def _generate_qa_plan(recipe) -> Plan:
 
 def _filter_plan(recipe) -> Plan:
     from stages import filter as filt
+    from stages.data.records import read_jsonl
 
     items, errors = filt.read_items(recipe.data)
     video = {key: filt.video_name(rec) for key, rec in items}
@@ -395,8 +397,7 @@ def _filter_plan(recipe) -> Plan:
         return video[key], (pos[key],)
 
     def finish(folder: Path) -> dict:
-        rows = [json.loads(x) for x in (folder / filt.SCORES).read_text().splitlines()] \
-            if (folder / filt.SCORES).exists() else []
+        rows = read_jsonl(folder / filt.SCORES) if (folder / filt.SCORES).exists() else []
         stats = filt.write_split(folder, items, {r["problem_id"]: r for r in rows}, recipe.filter)
         return {k: stats[k] for k in ("items", "scored", "rl", "sft", "dropped", "mean_pass_rate",
                                       "rl_by_category", "sft_by_category")}

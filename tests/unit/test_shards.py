@@ -117,6 +117,13 @@ def run_caption(r: CaptionRecipe) -> dict:
     return run.finish(caption.run(r, run))
 
 
+class OddVLM(FakeVLM):
+    """Captions holding U+2028, which JSON writes as it is and `str.splitlines` would split on."""
+
+    def generate(self, requests):
+        return [r if not r.ok else type(r)(r.key, r.text + "\u2028and after") for r in super().generate(requests)]
+
+
 @pytest.fixture(scope="module")
 def caption_runs(videos, tmp_path_factory):  # noqa: F811
     """A JSONL list of 5 videos (one corrupt) and a bad line, captioned once whole and once in 2 shards."""
@@ -127,7 +134,7 @@ def caption_runs(videos, tmp_path_factory):  # noqa: F811
     listing = videos / "list.jsonl"
     listing.write_text("\n".join(lines) + "\n")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(caption, "make_backend", lambda cfg: FakeVLM(fail={"videos/short.mp4#0"}))
+        mp.setattr(caption, "make_backend", lambda cfg: OddVLM(fail={"videos/short.mp4#0"}))
         whole = run_caption(caption_recipe(listing, root / "whole"))
         parts = [run_caption(caption_recipe(listing, root / "split", f"{i}/2")) for i in range(2)]
     return listing, root, whole, parts
@@ -147,6 +154,7 @@ def test_caption_shards_merged_equal_one_run(caption_runs):
     assert whole["failed"] == 3 and code == 1 and "3 input(s) failed" in err, err
     for name in ("captions.jsonl", "errors.jsonl"):
         assert content(root / "merged" / name) == content(root / "whole" / name), name
+    assert "\u2028".encode() in content(root / "merged" / "captions.jsonl")
     errors = [json.loads(x)["key"] for x in (root / "merged" / "errors.jsonl").read_text().splitlines()]
     assert errors == [f"{listing}:3", "videos/short.mp4", "videos/broken.mp4"]  # input order
     same_summary(json.loads((root / "merged" / "summary.json").read_text()),
