@@ -47,8 +47,12 @@ def run_stage(stage: str, stage_run, path: Path, overrides: list[str] | None,
     `run`), summarise."""
     from lvr_cli.recipes import RecipeError, default_output_dir
     from lvr_cli.rundir import RunDir, print_summary
+    from stages.shards import launch_shard, shard_dir
 
     recipe = load(path, overrides, stage)
+    share = launch_shard(recipe)  # caption, generate-qa under torchrun/srun: this process's shard, its own run
+    if share:
+        recipe = load(path, [*(overrides or []), f"data.shard={share}"], stage)
     from lvr_cli.launch import relaunch, relaunch_needed
 
     try:
@@ -58,7 +62,8 @@ def run_stage(stage: str, stage_run, path: Path, overrides: list[str] | None,
     if needed:
         raise typer.Exit(relaunch(recipe))
     try:
-        run = RunDir(default_output_dir(recipe, path), recipe).open(retry_failed=retry_failed)
+        out = shard_dir(default_output_dir(recipe, path), getattr(getattr(recipe, "data", None), "shard", None))
+        run = RunDir(out, recipe, rank=0 if share else None).open(retry_failed=retry_failed)
     except RecipeError as e:
         fail(str(e))
     from stages.backends.base import BackendError
@@ -129,6 +134,51 @@ def filter_(recipe: RecipeArg, overrides: OverridesArg = None, allow_failures: A
     from stages import filter as stage
 
     run_stage("filter", stage.run, recipe, overrides, allow_failures, retry_failed)
+
+
+@app.command()
+def merge(targets: Annotated[list[str], typer.Argument(
+              metavar="TARGETS", show_default=False,
+              help="a recipe and its dotted.key=value overrides: merge <output dir>/shard-i-of-N into "
+                   "<output dir>; or the folder to merge into and the shard directories")],
+          allow_failures: AllowFailures = False) -> None:
+    """Join the finished shards (data.shard = "i/N") of caption, generate-qa or filter into one run, in input order."""
+    from pydantic import ValidationError
+
+    from lvr_cli.recipes import STAGES, default_output_dir, recipe_hash, resolved
+    from lvr_cli.rundir import print_summary
+    from stages import shards
+    from stages.env import environment
+
+    recipe = None
+    if targets[0].endswith(".toml"):  # the recipe's output dir holds the shards and gets the merge
+        recipe = load(Path(targets[0]), targets[1:])
+        out = default_output_dir(recipe, targets[0])
+        dirs = shards.find_shards(out) or fail(f"{out}: no shard directories (shard-i-of-N) to merge")
+    elif len(targets) < 2:
+        fail("merge: give a recipe, or an output folder and the shard directories")
+    else:
+        out, dirs = Path(targets[0]), [Path(t) for t in targets[1:]]
+    try:
+        runs = shards.read_shards(dirs, (targets[0], resolved(recipe)) if recipe is not None else None)
+        data = shards.merged_recipe(runs, recipe.output.dir if recipe is not None else str(out))
+        merged = STAGES[data["stage"]].model_validate(data)
+        shards.check_target(out, runs)
+        summary = shards.merge(out, runs, shards.plan_for(merged))
+    except shards.MergeError as e:
+        fail(str(e))
+    except ValidationError as e:
+        fail(f"{runs[0].path / 'recipe.json'}: not a valid {data['stage']} recipe of this lvr "
+             f"({e.error_count()} error(s)); rerun the shards")
+    (out / "recipe.json").write_text(json.dumps(data, indent=2) + "\n")
+    env = environment() | {"recipe_sha256": recipe_hash(merged), "merged_from": [str(r.path) for r in runs]}
+    (out / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+    shards.write_summary(out, summary)  # last: a merge killed before it is unfinished, and merged again
+    print_summary(f"lvr merge: {out} ({len(runs)} shards)", summary)
+    if summary.get("failed", 0) and not allow_failures:
+        typer.echo(f"{summary['failed']} input(s) failed: see {out / 'errors.jsonl'} (--allow-failures to exit 0)",
+                   err=True)
+        raise typer.Exit(1)
 
 
 @app.command()

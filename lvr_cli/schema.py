@@ -18,7 +18,8 @@ from stages.evalkit.scoring import PREDICTION_FIELDS
 from lvr_cli.sections import (SCHEMA_VERSION, BackendSection, CheckpointSection, DataSection,  # noqa: F401
                               DeepspeedSection, Fraction, HubSection, LaunchSection, ModelSection, MrspSection,
                               NonNegInt, OptimSection, OutputSection, PosFloat, PosInt, PromptSection, RecipeError,
-                              RolloutSection, Section, TrainedModelSection, TrainSection, VideoSection)
+                              RolloutSection, Section, ShardedDataSection, TrainedModelSection, TrainSection,
+                              VideoSection)
 
 
 # -- stage recipes -------------------------------------------------------------------------------
@@ -43,6 +44,14 @@ class Recipe(Section):
                 and launch.nnodes > 1 and launch.nproc_per_node % mrsp.sp_size:
             raise ValueError(f"mrsp.sp_size: {mrsp.sp_size} does not divide launch.nproc_per_node = "
                              f"{launch.nproc_per_node} (an SP group's all-to-alls stay within a node)")
+        return self
+
+    @model_validator(mode="after")
+    def _shards_are_not_pushed(self):
+        hub = getattr(self, "hub", None)
+        if getattr(getattr(self, "data", None), "shard", None) and isinstance(hub, HubSection) and hub.push:
+            raise ValueError("hub.push: a shard is part of a dataset: `lvr merge` the shards, "
+                             "then `lvr push` the merged run")
         return self
 
 
@@ -88,7 +97,7 @@ class CaptionSpec(Section):
 
 class CaptionRecipe(Recipe):
     stage: Literal["caption"] = "caption"
-    data: DataSection
+    data: ShardedDataSection
     video: VideoSection = VideoSection()
     caption: CaptionSpec = CaptionSpec()
     backend: BackendSection = BackendSection()
@@ -112,7 +121,7 @@ class QASpec(Section):
 
 class GenerateQARecipe(Recipe):
     stage: Literal["generate-qa"] = "generate-qa"
-    data: DataSection
+    data: ShardedDataSection
     qa: QASpec = QASpec()
     backend: BackendSection = BackendSection()
     grounding_backend: BackendSection | None = None
@@ -141,7 +150,7 @@ class FilterSpec(Section):
 
 class FilterRecipe(Recipe):
     stage: Literal["filter"] = "filter"
-    data: DataSection
+    data: ShardedDataSection
     model: ModelSection = ModelSection()
     video: VideoSection = VideoSection()
     filter: FilterSpec = FilterSpec()

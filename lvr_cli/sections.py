@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from stages.shards import Shard
+
 
 SCHEMA_VERSION = 2
 
@@ -113,6 +115,18 @@ class DataSection(Section):
     input: str
     video_dir: str | None = None  # where relative video paths resolve (default: input's folder)
     limit: PosInt | None = None
+
+
+class ShardedDataSection(DataSection):  # caption, generate-qa, filter: inputs split over jobs
+    # "i/N": this job's share of the inputs (stages/shards.py); None: all of them, or the
+    # launch's share under torchrun/srun (caption, generate-qa)
+    shard: str | None = None
+
+    @model_validator(mode="after")
+    def _shard(self):
+        if self.shard is not None:
+            Shard.parse(self.shard)  # ValueError("shard: expected 'i/N' ...")
+        return self
 
 
 class RolloutSection(Section):

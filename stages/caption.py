@@ -17,6 +17,10 @@ to `errors.jsonl` and is not written, so the next run (a resume, or `--retry-fai
 finished run) retries it. `errors.jsonl` lists the inputs failed now, each once (see
 `RunDir.settle_errors`).
 
+Sharded (`data.shard = "i/N"`, or one shard per process under torchrun/srun): the videos
+whose key hashes to shard i, in `<output dir>/shard-i-of-N`; `lvr merge` joins the shards
+(see `stages/shards.py`).
+
 Departures from the paper: the captioner is whatever `backend` names (the paper used
 NVILA-8B); `video.max_frames` is not used here (frames_per_clip is the per-request budget).
 """
@@ -34,6 +38,7 @@ from stages.backends.factory import make_backend
 from stages.backends.jsonparse import strip_think
 from stages.data.records import done_keys, iter_jsonl
 from stages.data.video import VideoDecodeError, cut_clips, fit_size, probe, read_frames, resize_frames
+from stages.shards import Share
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".ts"}
 # Frames are sized on the Qwen2/2.5-VL grid; a backend with another grid re-fits them.
@@ -186,7 +191,11 @@ def run(recipe, run) -> dict:
     """
     done = done_keys(run.file(OUTPUT), "video")
     run.settle_errors(done.__contains__)
-    videos = list_videos(recipe.data, run.error)
+    share = Share(recipe.data.shard)  # all videos, or those of shard i/N (stages/shards.py)
+    listed = list_videos(recipe.data, share.errors(run.error))
+    if run.is_main:
+        share.note(run.path, [v.key for v in listed])
+    videos = [v for v in listed if share.owns(v.key)]
     todo = [v for v in videos if v.key not in done]
     try:
         captioned, clips = caption_todo(todo, recipe, run, done) if todo else (0, 0)

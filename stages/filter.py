@@ -19,6 +19,10 @@ seed is derived from `seed` and its `problem_id`, never from its position or fro
 before, so a resumed run (or one on another number of processes) scores exactly as an
 uninterrupted one.
 
+Sharded (`data.shard = "i/N"`): the questions whose video hashes to shard i, then split over
+the data-parallel ranks as usual, in `<output dir>/shard-i-of-N`; `lvr merge` joins the
+shards' scores and samples and recomputes the split from them (`stages/shards.py`).
+
 Where it departs from the paper:
 - The paper samples its base model (LongVILA) 10 times per question; here any model the
   runtime loads (Qwen2.5-VL first), N from the recipe.
@@ -45,6 +49,7 @@ from stages.mrsp.dist import Grid, broadcast_object, even_splits, gather_objects
 from stages.mrsp.rollout import Sampling
 from stages.mrsp.runtime import Runtime
 from stages.setup import open_grid, setup
+from stages.shards import Share
 
 SCORES, SAMPLES = "scores.jsonl", "samples.jsonl"
 
@@ -116,11 +121,12 @@ def video_order(items: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
     """`items` grouped by video in order of each video's first appearance (stable within a video)."""
     first: dict[str, int] = {}
     for i, (_, rec) in enumerate(items):
-        first.setdefault(_video_name(rec), i)
-    return sorted(items, key=lambda kr: first[_video_name(kr[1])])
+        first.setdefault(video_name(rec), i)
+    return sorted(items, key=lambda kr: first[video_name(kr[1])])
 
 
-def _video_name(rec: dict) -> str:
+def video_name(rec: dict) -> str:
+    """The question's (first) video as the record names it: the unit a shard takes whole."""
     v = rec.get("videos", rec.get("video"))
     return str(v[0] if isinstance(v, list) and v else v)
 
@@ -130,27 +136,16 @@ def run(recipe, run) -> dict:
     started = time.perf_counter()
     grid = open_grid(recipe)
     spec = recipe.filter
-    src = recipe.data.input
-    video_dir = recipe.data.video_dir or str(Path(src).parent)
+    video_dir = recipe.data.video_dir or str(Path(recipe.data.input).parent)
 
-    # 1. the questions (a malformed line or a duplicate key is an error, not a stop)
-    errors: list[tuple[str, str]] = []
-    items: list[tuple[str, dict]] = []
-    seen: dict[str, int] = {}
-    for lineno, rec in iter_records(src, on_error=lambda line, why: errors.append((f"{src}:{line}", why))):
-        if recipe.data.limit and len(items) >= recipe.data.limit:
-            break
-        try:  # as released: options inside `problem`, a tagged answer, one video path
-            rec = normalise_lvr(rec)
-        except RecordError as e:
-            errors.append((f"{src}:{lineno}", f"{src}:{lineno}: RecordError: {e}"))
-            continue
-        key = record_key(rec, lineno)
-        if key in seen:
-            errors.append((key, f"{src}:{lineno}: duplicate problem_id (first on line {seen[key]})"))
-            continue
-        seen[key] = lineno
-        items.append((key, rec))
+    # 1. the questions (a malformed line or a duplicate key is an error, not a stop): all of
+    #    them, or the videos of shard i/N (`data.shard`, stages/shards.py) before the DP split
+    share = Share(recipe.data.shard)
+    listed, listing_errors = read_items(recipe.data)
+    if grid.is_main:
+        share.note(run.path, [key for key, _ in listed])
+    items = [(key, rec) for key, rec in listed if share.owns(video_name(rec))]
+    errors = [(key, why) for key, why, unit in listing_errors if share.owns(unit)]
 
     # 2. what an earlier run of this directory finished (rank 0 reads, everyone learns)
     done = broadcast_object(_finished_keys(run) if grid.is_main else None, grid)
@@ -197,22 +192,56 @@ def run(recipe, run) -> dict:
     scores = {rec["problem_id"]: rec for rec in rows}
     # the run tried every unscored item: what is still listed and not recorded again is stale
     run.settle_errors(lambda key: key in scores, retried=lambda key: True)
-    rl, sft, dropped = split_by_band(items, scores, spec.band_low, spec.band_high)
-    write_jsonl(run.file("rl.jsonl"), rl)
-    write_jsonl(run.file("sft.jsonl"), sft)
-    scored = [scores[k] for k, _ in items if k in scores]
-    stats = filter_stats(items, scores, rl, sft, dropped, spec)
-    (run.file("filter_stats.json")).write_text(json.dumps(stats, indent=2) + "\n")
-    plot_pass_rates([s["pass_rate"] for s in scored], spec, run.file("pass_rates.png"))
+    stats = write_split(run.path, items, scores, spec)
     seconds = time.perf_counter() - started
     return {
-        "items": len(items), "scored": len(scored), "scored_now": len(todo) - failed_items,
-        "skipped_done": len(items) - len(todo), "rl": len(rl), "sft": len(sft), "dropped": len(dropped),
+        "items": stats["items"], "scored": stats["scored"], "scored_now": len(todo) - failed_items,
+        "skipped_done": len(items) - len(todo), "rl": stats["rl"], "sft": stats["sft"], "dropped": stats["dropped"],
         "failed": failed, "mean_pass_rate": stats["mean_pass_rate"], "samples_per_item": spec.samples,
         **{k: counters.get(k, 0) for k in ("vision_encodes", "embedding_cache_hits", "prefills")},
         "items_per_s": round(len(todo) / seconds, 4) if seconds > 0 else None,
         "rl_by_category": stats["rl_by_category"], "sft_by_category": stats["sft_by_category"],
     }
+
+
+def read_items(data) -> tuple[list[tuple[str, dict]], list[tuple[str, str, str]]]:
+    """`(items, errors)` of `data.input`'s first `data.limit` questions: items `(key, record)` in
+    input order; errors `(key, reason, unit)` for a malformed line or a duplicate problem_id, the
+    unit being what decides the shard that records it (the line itself; a duplicate's first
+    occurrence's video, so the shard that scores a key also settles its duplicates)."""
+    src = data.input
+    errors: list[tuple[str, str, str]] = []
+    items: list[tuple[str, dict]] = []
+    seen: dict[str, tuple[int, str]] = {}
+    for lineno, rec in iter_records(src, on_error=lambda line, why: errors.append((f"{src}:{line}", why,
+                                                                                    f"{src}:{line}"))):
+        if data.limit and len(items) >= data.limit:
+            break
+        try:  # as released: options inside `problem`, a tagged answer, one video path
+            rec = normalise_lvr(rec)
+        except RecordError as e:
+            errors.append((f"{src}:{lineno}", f"{src}:{lineno}: RecordError: {e}", f"{src}:{lineno}"))
+            continue
+        key = record_key(rec, lineno)
+        if key in seen:
+            first, video = seen[key]
+            errors.append((key, f"{src}:{lineno}: duplicate problem_id (first on line {first})", video))
+            continue
+        seen[key] = (lineno, video_name(rec))
+        items.append((key, rec))
+    return items, errors
+
+
+def write_split(folder: Path, items, scores: dict[str, dict], spec) -> dict:
+    """Write `rl.jsonl`, `sft.jsonl`, `filter_stats.json` and `pass_rates.png` into `folder` from
+    the questions and their scores (a run's, or the merge of its shards'); return the stats."""
+    rl, sft, dropped = split_by_band(items, scores, spec.band_low, spec.band_high)
+    write_jsonl(Path(folder) / "rl.jsonl", rl)
+    write_jsonl(Path(folder) / "sft.jsonl", sft)
+    stats = filter_stats(items, scores, rl, sft, dropped, spec)
+    (Path(folder) / "filter_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    plot_pass_rates([scores[k]["pass_rate"] for k, _ in items if k in scores], spec, Path(folder) / "pass_rates.png")
+    return stats
 
 
 def _score_one(rt: Runtime, recipe, video_dir: str, key: str, rec: dict, last_video: str | None):

@@ -33,6 +33,10 @@ Grounding (`qa.grounding`, spatial only): the middle frame of up to
 `ground.txt`, which asks for `[{label, box: [x0, y0, x1, y1]}]` in pixels; the boxes,
 as fractions of the frame, fill the `{objects}` slot of the spatial prompt.
 
+Sharded (`data.shard = "i/N"`, or one shard per process under torchrun/srun): the videos
+whose `video_id` hashes to shard i, in `<output dir>/shard-i-of-N` (deduplication is per
+video, so a shard drops what an unsharded run drops); `lvr merge` joins the shards.
+
 Departures from the paper: grounding runs before the spatial questions are written (on
 sampled clips) rather than on the clip a finished question refers to; the refine step is
 one request per item; `videos` holds the video path as `captions.jsonl` gives it (resolve
@@ -52,6 +56,7 @@ from stages.caption import fmt_ts
 from stages.data.records import format_problem, iter_jsonl, repair_torn_tail, write_jsonl
 from stages.qa_validate import (QAInvalid, near_duplicate, parse_items_reply, question_tokens, validate_refined,
                                 validate_reply)
+from stages.shards import Share
 
 OUTPUT = "qa.jsonl"
 _RETRY_NOTE = "\n\nYour previous reply was rejected: {error}\nReply again with JSON only, following the rules above."
@@ -348,7 +353,11 @@ def error_scope(key: str, video_ids: set[str]) -> ErrorScope | None:
 def run(recipe, run) -> dict:
     """Write QA items for every (video, category) of `data.input` not yet in `qa.jsonl`; return the summary."""
     stage = Stage(recipe, run)
-    jobs = read_videos(recipe, stage.error)
+    share = Share(recipe.data.shard)  # all videos, or those of shard i/N (stages/shards.py)
+    listed = read_videos(recipe, share.errors(stage.error))
+    if run.is_main:
+        share.note(run.path, [job.video_id for job in listed])
+    jobs = [job for job in listed if share.owns(job.video_id)]
     existing = complete_records(run.file(OUTPUT))
     stage.done = {rec["qa_key"] for rec in existing}
     categories = list(recipe.qa.categories)
