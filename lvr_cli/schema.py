@@ -13,10 +13,11 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from stages.data.records import CATEGORIES
-from lvr_cli.sections import (SCHEMA_VERSION, BackendSection, CheckpointSection, DataSection,  # noqa: F401
-                              DeepspeedSection, Fraction, HubSection, LaunchSection, ModelSection, MrspSection,
-                              NonNegInt, OptimSection, OutputSection, PosFloat, PosInt, PromptSection, RecipeError,
-                              RolloutSection, Section, TrainedModelSection, TrainSection, VideoSection)
+from lvr_cli.sections import (SCHEMA_VERSION, BackendSection, CheckpointSection, DataLogSection,  # noqa: F401
+                              DataSection, DeepspeedSection, Fraction, HubSection, LaunchSection, LogSection,
+                              ModelSection, MrspSection, NonNegInt, OptimSection, OutputSection, PosFloat, PosInt,
+                              PromptSection, RecipeError, RolloutSection, Section, TrainedModelSection, TrainSection,
+                              VideoSection)
 
 
 # -- stage recipes -------------------------------------------------------------------------------
@@ -24,6 +25,7 @@ class Recipe(Section):
     stage: str
     seed: int = 0
     output: OutputSection = OutputSection()
+    log: LogSection = LogSection()
 
     def world_size(self) -> int:
         """Processes the recipe launches (1 for a stage without `[launch]` or that launches
@@ -81,6 +83,7 @@ class CaptionSpec(Section):
 
 class CaptionRecipe(Recipe):
     stage: Literal["caption"] = "caption"
+    log: DataLogSection = DataLogSection()
     data: DataSection
     video: VideoSection = VideoSection()
     caption: CaptionSpec = CaptionSpec()
@@ -105,6 +108,7 @@ class QASpec(Section):
 
 class GenerateQARecipe(Recipe):
     stage: Literal["generate-qa"] = "generate-qa"
+    log: DataLogSection = DataLogSection()
     data: DataSection
     qa: QASpec = QASpec()
     backend: BackendSection = BackendSection()
@@ -134,6 +138,7 @@ class FilterSpec(Section):
 
 class FilterRecipe(Recipe):
     stage: Literal["filter"] = "filter"
+    log: DataLogSection = DataLogSection()
     data: DataSection
     model: ModelSection = ModelSection()
     video: VideoSection = VideoSection()
@@ -279,6 +284,7 @@ class EvalSection(Section):
 
 class EvalRecipe(Recipe):
     stage: Literal["eval"] = "eval"
+    log: DataLogSection = DataLogSection()
     data: EvalDataSection
     eval: EvalSection = EvalSection()
     model: ModelSection = ModelSection()
