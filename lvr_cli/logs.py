@@ -96,7 +96,8 @@ class RunLog:
         if self.verbose:
             sys.stderr.write(text)
         first = (str(exc).strip().splitlines() or [""])[0]
-        return f"{type(exc).__name__}: {first} ({where})" if first else f"{type(exc).__name__} ({where})"
+        rank = f"rank {self.rank}: " if self.rank else ""
+        return f"{rank}{type(exc).__name__}{': ' + first if first else ''} ({where})"
 
     # -- pieces --------------------------------------------------------------------------------
     def _redirect_stderr(self, sink) -> None:

@@ -125,7 +125,8 @@ def relaunch_needed(recipe) -> bool:
 
 
 def relaunch(recipe) -> int:
-    """Run this same command under `torch.distributed.run` with the recipe's process count."""
+    """Run this same command under `torch.distributed.run` with the recipe's process count
+    (`lvr_cli/torchrun.py`: the launcher, quiet on the console)."""
     import os
     import subprocess
 
@@ -133,7 +134,7 @@ def relaunch(recipe) -> int:
 
     launch = recipe.launch
     port = free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={launch.nproc_per_node}",
+    cmd = [sys.executable, "-m", "lvr_cli.torchrun", f"--nproc_per_node={launch.nproc_per_node}",
            f"--nnodes={launch.nnodes}", f"--master_port={os.environ.get('MASTER_PORT', port)}",
            "--module", "lvr_cli.main", *sys.argv[1:]]
     if launch.nnodes > 1:

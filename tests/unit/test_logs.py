@@ -89,3 +89,32 @@ def test_verbose_is_an_option_of_lvr(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0 and '"stage": "synth"' in r.stdout
+
+
+LAUNCHED = r"""
+import os, signal, sys, time
+rank = int(os.environ["RANK"])
+if sys.argv[1] == "signal" and rank == 1:
+    os.kill(os.getpid(), signal.SIGKILL)  # dies without a word, as the OOM killer does
+if sys.argv[1] == "error" and rank == 0:
+    print("error: ValueError: bad (traceback in run.log)", file=sys.stderr)  # what a failing lvr rank says
+    sys.exit(3)
+time.sleep(30)
+"""
+
+
+def test_the_launcher_adds_a_line_only_for_a_rank_that_died_silently(tmp_path):
+    script = tmp_path / "ranks.py"
+    script.write_text(LAUNCHED)
+
+    def launch(kind):
+        return subprocess.run([sys.executable, "-m", "lvr_cli.torchrun", "--nproc_per_node=2", "--master_port=0",
+                               str(script), kind], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "LVR_VERBOSE": ""})
+
+    said = launch("error")
+    assert (said.returncode, said.stderr.splitlines()) == (3, ["error: ValueError: bad (traceback in run.log)"])
+    killed = launch("signal")
+    assert killed.returncode == 1
+    assert killed.stderr.splitlines() == ["error: rank 1 died of SIGKILL (out of memory or a crash in native code; "
+                                          "lvr --verbose shows the launcher's report)"]
