@@ -154,8 +154,11 @@ class RunDir:
         self._writer(name).write({"key": key, "reason": reason, "rank": self.rank, **extra})
         if self.is_main:
             from rich.console import Console
+            from rich.markup import escape
 
-            Console(stderr=True).print(f"[yellow]skipped[/] {key}: {reason}", highlight=False, markup=True)
+            # one line whatever the width (a log is grepped by key); brackets in a reason are text
+            Console(stderr=True, soft_wrap=True).print(f"[yellow]skipped[/] {escape(f'{key}: {reason}')}",
+                                                       highlight=False)
             self.live.error()
 
     def settle_errors(self, done: Callable[[str], bool],
