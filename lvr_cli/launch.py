@@ -53,9 +53,10 @@ def relaunch_needed(recipe) -> bool:
 
 
 def torchrun_command(recipe, argv: list[str], port: int) -> list[str]:
-    """The `torch.distributed.run` command line of this node's share of the recipe's processes."""
+    """The `torch.distributed.run` command line (through `lvr_cli/torchrun.py`, quiet on the
+    console) of this node's share of the recipe's processes."""
     launch = recipe.launch
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={launch.nproc_per_node}",
+    return [sys.executable, "-m", "lvr_cli.torchrun", f"--nproc_per_node={launch.nproc_per_node}",
             f"--nnodes={launch.nnodes}", f"--node_rank={launch.node_rank}", f"--master_addr={launch.master_addr}",
             f"--master_port={port}", "--module", "lvr_cli.main", *argv]
 
@@ -65,4 +66,5 @@ def relaunch(recipe) -> int:
     from stages.mrsp.dist import free_port
 
     port = recipe.launch.master_port or int(os.environ.get("MASTER_PORT") or free_port())
-    return subprocess.call(torchrun_command(recipe, sys.argv[1:], port))
+    # torchrun sets 1 thread per process anyway; set here, it skips its banner saying so
+    return subprocess.call(torchrun_command(recipe, sys.argv[1:], port), env={"OMP_NUM_THREADS": "1", **os.environ})

@@ -23,6 +23,16 @@ RetryFailed = Annotated[bool, typer.Option("--retry-failed", help="reopen a fini
                                            "failed (and unfinished) inputs, keeping what it finished")]
 
 
+@app.callback()
+def options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="let libraries print to the console "
+                                                  "(else to the run's run.log), tracebacks included")] = False) -> None:
+    """lvr: long-video reasoning: data pipeline, CoT-SFT, GRPO with MR-SP, eval, benchmarks."""
+    import os
+
+    if verbose:
+        os.environ["LVR_VERBOSE"] = "1"  # read by the run's log (lvr_cli/logs.py) and by relaunched ranks
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print one line to stderr and exit (2: bad usage or recipe)."""
     typer.echo(f"error: {message}", err=True)
@@ -31,11 +41,13 @@ def fail(message: str, code: int = 2) -> None:
 
 def load(path: Path, overrides: list[str] | None, stage: str | None = None, check_inputs: bool = True):
     from lvr_cli.recipes import RecipeError, check_paths, load_recipe
+    from lvr_cli.tracking import check_installed
 
     try:
         recipe = load_recipe(path, overrides or [], stage=stage)
         if check_inputs:
             check_paths(recipe)
+            check_installed(recipe.log)
     except RecipeError as e:
         fail(f"{path}: {e}" if not str(e).startswith(str(path)) else str(e))
     return recipe
@@ -45,6 +57,7 @@ def run_stage(stage: str, stage_run, path: Path, overrides: list[str] | None,
               allow_failures: bool = False, retry_failed: bool = False) -> dict:
     """Validate, open the run directory, run `stage_run(recipe, rundir)` (a stage module's
     `run`), summarise."""
+    from lvr_cli.logs import RunLog, verbose
     from lvr_cli.recipes import RecipeError, default_output_dir
     from lvr_cli.rundir import RunDir, print_summary
     from stages.shards import launch_shard, shard_dir
@@ -70,6 +83,7 @@ def run_stage(stage: str, stage_run, path: Path, overrides: list[str] | None,
     from stages.evalkit.items import EmptyEvalSetError
     from stages.mrsp.dist import CollectiveError
 
+    log = RunLog(run.path, run.rank, verbose()).start()  # library output -> run.log
     try:
         summary = stage_run(recipe, run)
     except EmptyEvalSetError as e:  # an input without records: a bad input, refused before any work
@@ -79,6 +93,11 @@ def run_stage(stage: str, stage_run, path: Path, overrides: list[str] | None,
         fail(f"{path}: {e}")
     except CollectiveError as e:  # another process of the launch died or hung
         fail(f"{path}: {e}", 1)
+    except Exception as e:  # a bug or a broken environment: the traceback to the log file, one line here
+        run.close(failed=True)
+        fail(log.crash(e), 1)
+    finally:
+        log.stop()
     summary = run.finish(summary)
     print_summary(f"lvr {stage}: {run.path}", summary)
     if summary.get("failed", 0) and not allow_failures:

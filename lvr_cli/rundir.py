@@ -1,5 +1,8 @@
 """Run directories: recipe.json, env.json, metrics/samples/errors JSONL, progress, summary.
 
+Every scalar a stage logs goes through `metric`: metrics.jsonl, the `[log]` backends
+(`lvr_cli/tracking.py`) and the live progress display (`lvr_cli/live.py`).
+
 One stage run writes one folder. A finished run (it has `summary.json`) is never silently
 overwritten: re-running refuses unless `output.overwrite=true`, or `retry_failed` reopens it
 to redo its failed inputs. An unfinished run of the same recipe is resumed (the stage skips
@@ -18,11 +21,12 @@ import json
 import os
 import shutil
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
+from lvr_cli.live import LiveView
 from lvr_cli.recipes import Recipe, RecipeError, recipe_hash, resolved
+from lvr_cli.tracking import Trackers
 from stages.data.records import JsonlAppender, iter_jsonl, write_jsonl
 from stages.env import environment
 
@@ -46,6 +50,9 @@ class RunDir:
         self._writers: dict[str, JsonlAppender] = {}
         self._failed: set[str] = set()  # keys this process recorded as failed
         self.started = time.time()
+        shown = self.is_main and not os.environ.get("LVR_NO_PROGRESS")
+        self.live = LiveView(recipe.stage, recipe.log.every_steps, enabled=shown)
+        self.trackers: Trackers | None = None  # rank 0, once open
 
     # -- lifecycle ---------------------------------------------------------------------------
     def open(self, retry_failed: bool = False) -> "RunDir":
@@ -84,6 +91,8 @@ class RunDir:
             (self.path / "recipe.json").write_text(json.dumps(new, indent=2) + "\n")
             env = environment(self.recipe.world_size()) | {"recipe_sha256": recipe_hash(self.recipe)}
             (self.path / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+            self.trackers = Trackers(self.recipe.log, self.path, new, self.resumed,
+                                     verbose=bool(os.environ.get("LVR_VERBOSE")))
         return self
 
     def discard(self) -> None:
@@ -99,13 +108,18 @@ class RunDir:
             tmp = self.path / "summary.json.tmp"
             tmp.write_text(json.dumps(summary, indent=2) + "\n")
             tmp.replace(self.path / "summary.json")
+            if self.trackers:
+                self.trackers.summary(summary)
         self.close()
         return summary
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close the writers and the tracking backends (`failed`: the stage raised)."""
         for w in self._writers.values():
             w.close()
         self._writers.clear()
+        if self.trackers:
+            self.trackers.close(failed=failed)
 
     # -- writers -------------------------------------------------------------------------------
     def _writer(self, name: str) -> JsonlAppender:
@@ -122,7 +136,13 @@ class RunDir:
             self._writer(name).write(record)
 
     def metric(self, step: int, **values) -> None:
+        """Log one step's scalars: metrics.jsonl, the `[log]` backends, the progress display (rank 0)."""
+        if not self.is_main:
+            return
         self.append("metrics.jsonl", {"step": step, "time": round(time.time() - self.started, 3), **values})
+        if self.trackers:
+            self.trackers.metric(step, values)
+        self.live.metric(step, values)
 
     def sample(self, record: dict) -> None:
         self.append("samples.jsonl", record)
@@ -134,8 +154,12 @@ class RunDir:
         self._writer(name).write({"key": key, "reason": reason, "rank": self.rank, **extra})
         if self.is_main:
             from rich.console import Console
+            from rich.markup import escape
 
-            Console(stderr=True).print(f"[yellow]skipped[/] {key}: {reason}", highlight=False, markup=True)
+            # one line whatever the width (a log is grepped by key); brackets in a reason are text
+            Console(stderr=True, soft_wrap=True).print(f"[yellow]skipped[/] {escape(f'{key}: {reason}')}",
+                                                       highlight=False)
+            self.live.error()
 
     def settle_errors(self, done: Callable[[str], bool],
                       retried: Callable[[str], bool] = lambda key: False) -> dict[str, dict]:
@@ -165,35 +189,9 @@ class RunDir:
             write_jsonl(path, list(standing.values()))
         return standing
 
-    @contextmanager
     def progress(self, description: str, total: int | None):
-        """A rich progress bar on rank 0 (items/s and ETA); a no-op elsewhere."""
-        if not self.is_main or os.environ.get("LVR_NO_PROGRESS"):
-            yield _NoProgress()
-            return
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
-
-        cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn()]
-        with Progress(*cols, transient=False) as p:
-            task = p.add_task(description, total=total, rate="")
-            yield _Bar(p, task)
-
-
-class _NoProgress:
-    def advance(self, n: int = 1) -> None:
-        pass
-
-
-class _Bar:
-    def __init__(self, progress, task):
-        self.p, self.task = progress, task
-
-    def advance(self, n: int = 1) -> None:
-        self.p.advance(self.task, n)
-        speed = self.p.tasks[self.task].speed
-        self.p.update(self.task, rate=f"{speed:.2f} it/s" if speed else "")
+        """A context giving a bar to `advance(n)` (rank 0 shows it; see `lvr_cli/live.py`)."""
+        return self.live.progress(description, total)
 
 
 def _without_overwrite(data: dict) -> dict:

@@ -15,10 +15,11 @@ from pydantic import Field, model_validator
 from stages.data.records import CATEGORIES
 from stages.evalkit.formats.base import FORMATS
 from stages.evalkit.scoring import PREDICTION_FIELDS
-from lvr_cli.sections import (SCHEMA_VERSION, BackendSection, CheckpointSection, DataSection,  # noqa: F401
-                              DeepspeedSection, Fraction, HubSection, LaunchSection, ModelSection, MrspSection,
-                              NonNegInt, OptimSection, OutputSection, PosFloat, PosInt, PromptSection, RecipeError,
-                              RolloutSection, Section, ShardedDataSection, TrainedModelSection, TrainSection,
+from lvr_cli.sections import (SCHEMA_VERSION, BackendSection, CheckpointSection, DataLogSection,  # noqa: F401
+                              DataSection, DeepspeedSection, Fraction, HubSection, LaunchSection, LogSection,
+                              ModelSection, MrspSection, NonNegInt, OptimSection, OutputSection, PosFloat, PosInt,
+                              PromptSection, RecipeError, RolloutSection, Section, ShardedDataSection,
+                              TrainedModelSection, TrainSection,
                               VideoSection)
 
 
@@ -27,6 +28,7 @@ class Recipe(Section):
     stage: str
     seed: int = 0
     output: OutputSection = OutputSection()
+    log: LogSection = LogSection()
 
     def world_size(self) -> int:
         """Processes the recipe launches (1 for a stage without `[launch]` or that launches
@@ -97,6 +99,7 @@ class CaptionSpec(Section):
 
 class CaptionRecipe(Recipe):
     stage: Literal["caption"] = "caption"
+    log: DataLogSection = DataLogSection()
     data: ShardedDataSection
     video: VideoSection = VideoSection()
     caption: CaptionSpec = CaptionSpec()
@@ -121,6 +124,7 @@ class QASpec(Section):
 
 class GenerateQARecipe(Recipe):
     stage: Literal["generate-qa"] = "generate-qa"
+    log: DataLogSection = DataLogSection()
     data: ShardedDataSection
     qa: QASpec = QASpec()
     backend: BackendSection = BackendSection()
@@ -150,6 +154,7 @@ class FilterSpec(Section):
 
 class FilterRecipe(Recipe):
     stage: Literal["filter"] = "filter"
+    log: DataLogSection = DataLogSection()
     data: ShardedDataSection
     model: ModelSection = ModelSection()
     video: VideoSection = VideoSection()
@@ -318,6 +323,7 @@ class EvalSection(Section):
 
 class EvalRecipe(Recipe):
     stage: Literal["eval"] = "eval"
+    log: DataLogSection = DataLogSection()
     data: EvalDataSection
     eval: EvalSection = EvalSection()
     model: ModelSection = ModelSection()

@@ -179,6 +179,35 @@ class CheckpointSection(Section):
     keep_last: PosInt = 2
 
 
+class LogSection(Section):
+    """Where a run's metrics go (`lvr_cli/tracking.py`) and how often a log that is not a
+    terminal gets a progress line (`lvr_cli/live.py`)."""
+
+    # metrics.jsonl is always written (resume and plots read it); the others are optional extras
+    backends: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = ["jsonl"]
+    # a progress line every N steps when stdout is not a terminal; a data stage's step is one
+    # item of its progress bar (a video, a question), and its recipes default to 10
+    every_steps: PosInt = 1
+    wandb_project: str = "lvr"
+    wandb_entity: str | None = None  # default: the API key's default entity
+    wandb_run_name: str | None = None  # default: the run directory's name
+    wandb_tags: list[str] = []
+    mlflow_tracking_uri: str | None = None  # default: a file store in <run dir>/mlruns
+    mlflow_experiment: str = "lvr"
+
+    @model_validator(mode="after")
+    def _backends(self):
+        if "jsonl" not in self.backends:
+            raise ValueError("backends: keep 'jsonl' in the list: metrics.jsonl is what resume and plots read")
+        if len(set(self.backends)) != len(self.backends):
+            raise ValueError(f"backends: {self.backends} names a backend twice")
+        return self
+
+
+class DataLogSection(LogSection):  # caption, generate-qa, filter, eval: a step is one item
+    every_steps: PosInt = 10
+
+
 class PromptSection(Section):
     system: str | None = None
     think: bool = True  # ask for <think>...</think><answer>...</answer>

@@ -408,25 +408,38 @@ def mfu_table(results: list[dict], modes: list[str], frames: list[int]) -> str:
 
 
 def plot(results: list[dict], modes: list[str], path: Path, machine: str) -> None:
+    """Seconds per step against frames, a line per mode; an x at the top edge where a mode ran
+    out of memory."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m in modes:
+    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    frames = sorted({r["frames"] for r in results})
+    any_oom = False
+    for i, m in enumerate(modes):
+        colour = colours[i % len(colours)]
         pts = [(r["frames"], r["seconds_per_step"]) for r in results if r["mode"] == m and not r["oom"]]
         ooms = [r["frames"] for r in results if r["mode"] == m and r["oom"]]
-        if pts:
-            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
-            if ooms:
-                ax.scatter(ooms, [max(p[1] for p in pts)] * len(ooms), marker="x", color=line.get_color(), s=80)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colour, label=m)
+        if ooms:  # x in data units, y at the top of the axes: visible whatever the times
+            ax.scatter(ooms, [1.0] * len(ooms), transform=ax.get_xaxis_transform(), marker="x", s=80,
+                       color=colour, clip_on=False, zorder=3)
+            any_oom = True
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("frames")
-    ax.set_ylabel("seconds per RL step")
-    ax.set_title(f"MR-SP vs vanilla (x = OOM)\n{machine}", fontsize=9)
+    ax.set_xticks(frames, [str(f) for f in frames])
+    ax.minorticks_off()
+    ax.set_xlabel("frames per video")
+    ax.set_ylabel("seconds per RL step (s)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"MR-SP vs vanilla\n{machine}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    handles = ax.get_legend_handles_labels()[0]
+    if any_oom:
+        handles.append(Line2D([], [], marker="x", linestyle="", color="black", label="out of memory"))
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
     fig.savefig(path, dpi=110)
     plt.close(fig)

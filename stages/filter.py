@@ -292,7 +292,7 @@ def filter_stats(items, scores, rl, sft, dropped, spec) -> dict:
 
 
 def plot_pass_rates(pass_rates: list[float], spec, out_path: Path) -> Path:
-    """Bar chart of how many questions reached each pass rate, the RL band shaded."""
+    """Bar chart of how many questions reached each pass rate on a [0, 1] axis, the RL band shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -301,17 +301,22 @@ def plot_pass_rates(pass_rates: list[float], spec, out_path: Path) -> Path:
     hist = pass_rate_histogram(pass_rates, spec.samples)
     xs = [k / spec.samples for k in range(spec.samples + 1)]
     width = 0.8 / spec.samples
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(6, 3.5), layout="constrained")
     ax.axvspan(spec.band_low, spec.band_high, color="tab:green", alpha=0.12, label="RL band (exclusive)")
     colours = ["tab:green" if in_band(x, spec.band_low, spec.band_high) else "tab:grey" for x in xs]
-    ax.bar(xs, list(hist.values()), width=width, color=colours)
-    ax.set_xlabel(f"pass rate ({spec.samples} samples per question)")
+    # the end bars (pass rate 0 and 1) drawn whole, past the ends of a [0, 1] axis: the y axis
+    # moves out of their way and the layout leaves room on the right (half a bar of the ~5 inch axes)
+    ax.bar(xs, list(hist.values()), width=width, color=colours, clip_on=False)
+    ax.set_xlim(0, 1)
+    ax.spines["left"].set_position(("outward", width / 2 * 5 * 72 + 4))
+    fig.get_layout_engine().set(rect=(0, 0, 1 - width / 2 * 5 / 6, 1))
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.set_xticks(xs if spec.samples <= 10 else [0, 0.25, 0.5, 0.75, 1])
+    ax.set_xlabel(f"pass rate (fraction of {spec.samples} samples correct)")
     ax.set_ylabel("questions")
     ax.set_title(f"GRPO-aware filtering: {len(pass_rates)} questions")
-    ax.set_xlim(-width, 1 + width)
-    ax.legend(loc="upper center")
+    fig.legend(loc="outside lower center", fontsize=8, frameon=False)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return Path(out_path)

@@ -1,18 +1,24 @@
-"""Plots of a run's metrics (PNG, matplotlib's non-interactive backend)."""
+"""Plots of a run's metrics (PNG, matplotlib's non-interactive backend).
+
+Axes say their unit. Accuracies (fractions in metrics.jsonl) are drawn in percent on an axis
+of their own, 0-100 %, never on the reward's; legends sit below the axes, outside the data.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+# The y axis of the other keys, by what they measure (the first word of a key that names it)
+AXIS_LABELS = {"loss": "loss (nats per target token)", "reward": "reward per response"}
 
-def plot_metrics(metrics_path: Path, out_path: Path, keys: list[str], title: str) -> Path | None:
-    """Plot `keys` of `metrics.jsonl` against `step`; return the PNG path (None without data)."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def is_accuracy(key: str) -> bool:
+    """A 0-1 accuracy (`reward/accuracy`, `eval_accuracy`, `accuracy/goal`): drawn in % on its own axis."""
+    return "accuracy" in key
 
+
+def read_metrics(metrics_path: Path) -> list[dict]:
     rows = []
     if Path(metrics_path).exists():
         for line in Path(metrics_path).read_text().splitlines():
@@ -20,18 +26,49 @@ def plot_metrics(metrics_path: Path, out_path: Path, keys: list[str], title: str
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
                 continue
+    return rows
+
+
+def draw_metrics(rows: list[dict], keys: list[str], title: str):
+    """The figure of `keys` against `step` (None without data): accuracies in % on a right axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     series = {k: [(r["step"], r[k]) for r in rows if k in r and r[k] is not None] for k in keys}
     if not any(series.values()):
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for k, pts in series.items():
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=k)
-    ax.set_xlabel("step")
+    other = [k for k in keys if series[k] and not is_accuracy(k)]
+    accuracy = [k for k in keys if series[k] and is_accuracy(k)]
+    fig, ax = plt.subplots(figsize=(6, 3.5), layout="constrained")
+    handles = []
+    for k in other:
+        handles += ax.plot([p[0] for p in series[k]], [p[1] for p in series[k]], marker=".", label=k)
+    if other:
+        ax.set_ylabel(next((v for word, v in AXIS_LABELS.items() if all(word in k for k in other)), "value"))
+    if accuracy:
+        acc_ax = ax.twinx() if other else ax
+        colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, k in enumerate(accuracy):
+            handles += acc_ax.plot([p[0] for p in series[k]], [100 * p[1] for p in series[k]], marker=".",
+                                   linestyle="--", color=colours[(len(other) + i) % len(colours)], label=f"{k} (%)")
+        acc_ax.set_ylabel("accuracy (%)")
+        acc_ax.set_ylim(0, 100)
+    ax.set_xlabel("training step")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize=8, frameon=False)
+    return fig
+
+
+def plot_metrics(metrics_path: Path, out_path: Path, keys: list[str], title: str) -> Path | None:
+    """Plot `keys` of `metrics.jsonl` against `step`; return the PNG path (None without data)."""
+    import matplotlib.pyplot as plt
+
+    fig = draw_metrics(read_metrics(metrics_path), keys, title)
+    if fig is None:
+        return None
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return Path(out_path)

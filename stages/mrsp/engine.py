@@ -65,6 +65,24 @@ def disable_checkpointing(model) -> None:
     off()
 
 
+def skip_shm_comm_build() -> None:
+    """Keep DeepSpeed on CPU from compiling its shared-memory collectives op.
+
+    DeepSpeed's communication backend (`deepspeed.comm.torch.TorchBackend`, created by
+    `deepspeed.initialize`) JIT-builds `deepspeed_shm_comm` on the CPU accelerator whenever
+    `deepspeed.ops.__compatible_ops__` calls it compatible: a C++ compiler and ~140 s on two
+    cores the first time, "Error building extension" without a compiler. The op only serves
+    `inference_all_reduce`, which training never calls; marked incompatible, DeepSpeed uses
+    torch.distributed's collectives (gloo), as it does for every collective lvr's training runs.
+    No other op is built for lvr's config (torch's AdamW, no offload), on CPU or GPU.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # the dict DeepSpeed reads, cached
+
+
 class TrainEngine:
     """Backward, optimizer step and schedule of one model on one process grid.
 
@@ -93,6 +111,7 @@ class TrainEngine:
         if deepspeed_cfg.enabled:
             import deepspeed
 
+            skip_shm_comm_build()
             ensure_process_group()
             config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": accum_steps,
                       "train_batch_size": accum_steps * grid.world_size,

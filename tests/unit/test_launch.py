@@ -33,7 +33,7 @@ def test_torchrun_command_carries_the_nodes_share(monkeypatch):
     monkeypatch.delenv("SLURM_PROCID", raising=False)
     assert relaunch_needed(recipe)
     cmd = torchrun_command(recipe, ["rl", RL], 29500)
-    assert cmd[1:] == ["-m", "torch.distributed.run", "--nproc_per_node=8", "--nnodes=2", "--node_rank=1",
+    assert cmd[1:] == ["-m", "lvr_cli.torchrun", "--nproc_per_node=8", "--nnodes=2", "--node_rank=1",
                        "--master_addr=head", "--master_port=29500", "--module", "lvr_cli.main", "rl", RL]
     monkeypatch.setenv("LOCAL_RANK", "0")  # already a rank of torchrun's
     assert not relaunch_needed(recipe)
