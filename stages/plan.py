@@ -150,6 +150,7 @@ def breakdown(d: Dims, s: Scenario, frames: int) -> Breakdown:
         out.resident["reference model (frozen)"] = d.params_total * b
     grads = state.pop("gradients")
     if s.bench:  # torch AdamW made for the mode: its state appears at the first step's end
+        out.resident["initial weights (restored per mode)"] = d.params_total * b
         out.first_step["Adam state"] = state["optimizer"]
         out.phases["optimizer step"] = {"gradients": grads, "Adam temporaries": s.trainable * b}
     else:

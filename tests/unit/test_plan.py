@@ -218,3 +218,15 @@ def test_plan_bench_recipe_against_its_measurement(lvr):
     assert "predicted step growth vs measured peak per rank" in r.stdout
     worst = next(x for x in r.stdout.splitlines() if x.strip().startswith("worst error"))
     assert int(worst.split()[2].rstrip("%")) < 20 and "over 15 cells" in worst
+
+
+def test_bench_step_on_gpu_holds_three_weight_copies_and_torch_adamw():
+    """bench-mrsp keeps the policy, the reference and the initial weights it restores per mode,
+    and a torch AdamW (bf16 m and v) created per mode: the 7B bench recipe's resident set."""
+    recipe = load_recipe(ROOT / "recipes/qwen2_5_vl_7b/bench.toml")
+    (s, _), *_ = plan.scenarios(D7, recipe, plan.GPUS["h100-80g"])
+    bd = plan.breakdown(D7, s, 64)
+    assert bd.resident == {"weights": D7.params_total * 2, "reference model (frozen)": D7.params_total * 2,
+                           "initial weights (restored per mode)": D7.params_total * 2}
+    assert bd.first_step == {"Adam state": D7.params_language * 4}
+    assert bd.phases["update"]["gradients"] == D7.params_language * 2
