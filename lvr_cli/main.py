@@ -241,6 +241,29 @@ def bench_components(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
 
 
 @app.command()
+def plan(recipe: RecipeArg, overrides: OverridesArg = None,
+         gpu: Annotated[Optional[list[str]], typer.Option(
+             "--gpu", help="a100-80g, h100-80g, h200 or cpu-24g (repeatable)")] = None,
+         model: Annotated[Optional[str], typer.Option(
+             "--model", help="plan with this hub id's or folder's config instead of model.path "
+             "(e.g. an SFT checkpoint not trained yet)", show_default=False)] = None,
+         against: Annotated[Optional[Path], typer.Option(
+             "--against", help="a bench-mrsp JSON (benchmarks/<name>.json): predicted vs measured per rank",
+             show_default=False)] = None,
+         ) -> None:
+    """Memory per rank (weights, gradients, optimizer, activations, KV cache, embeddings) and the
+    largest frame count that fits, for MR-SP and the vanilla way (sft, rl, bench-mrsp recipes)."""
+    from stages.plan import PlanError, report
+
+    r = load(recipe, overrides, check_inputs=False)
+    try:
+        text = report(r, str(recipe), gpu or ["h100-80g"], model, against)
+    except PlanError as e:
+        fail(f"{recipe}: {e}")
+    typer.echo(text)
+
+
+@app.command()
 def compare(run_dirs: Annotated[list[Path], typer.Argument(help="finished eval run directories, the first the baseline",
                                                           show_default=False)],
             out: Annotated[Optional[Path], typer.Option(help="output folder (default runs/compare/<A>-vs-<B>)")] = None,
