@@ -253,7 +253,8 @@ def plan(recipe: RecipeArg, overrides: OverridesArg = None,
          ) -> None:
     """Memory per rank (weights, gradients, optimizer, activations, KV cache, embeddings) and the
     largest frame count that fits, for MR-SP and the vanilla way (sft, rl, bench-mrsp recipes)."""
-    from stages.plan import PlanError, report
+    from stages.plan_model import PlanError
+    from stages.plan_report import report
 
     r = load(recipe, overrides, check_inputs=False)
     try:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lvr_cli.recipes import load_recipe
-from stages import plan, plan_model as pm
+from stages import plan, plan_report, plan_model as pm
 
 ROOT = Path(__file__).resolve().parents[2]
 GiB = 2 ** 30
@@ -156,7 +156,7 @@ def test_known_7b_table_matches_its_config():
 def _calibration(name):
     recipe = load_recipe(ROOT / "recipes/demo/bench.toml")
     d, _ = pm.load_dims(recipe.model.path)
-    return plan.calibration(d, recipe, json.loads((ROOT / "benchmarks" / name).read_text()))
+    return plan_report.calibration(d, recipe, json.loads((ROOT / "benchmarks" / name).read_text()))
 
 
 def test_calibration_within_20_percent_of_bench_mrsp_with_exact_rss():
