@@ -133,9 +133,7 @@ class RunDir:
         self._failed.add(key)
         self._writer(name).write({"key": key, "reason": reason, "rank": self.rank, **extra})
         if self.is_main:
-            from rich.console import Console
-
-            Console(stderr=True).print(f"[yellow]skipped[/] {key}: {reason}", highlight=False, markup=True)
+            note("skipped", f"{key}: {reason}")
 
     def settle_errors(self, done: Callable[[str], bool],
                       retried: Callable[[str], bool] = lambda key: False) -> dict[str, dict]:
@@ -194,6 +192,21 @@ class _Bar:
         self.p.advance(self.task, n)
         speed = self.p.tasks[self.task].speed
         self.p.update(self.task, rate=f"{speed:.2f} it/s" if speed else "")
+
+
+def note(label: str, text: str) -> None:
+    """One line on stderr: `label` in yellow on a terminal; plain and never wrapped otherwise
+    (a log file or a pipe gets each message on exactly one line)."""
+    import sys
+
+    text = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    if not sys.stderr.isatty():
+        print(f"{label} {text}", file=sys.stderr, flush=True)
+        return
+    from rich.console import Console
+    from rich.text import Text
+
+    Console(stderr=True, soft_wrap=True).print(Text.assemble((label, "yellow"), " ", text))
 
 
 def _without_overwrite(data: dict) -> dict:

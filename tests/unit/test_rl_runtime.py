@@ -48,7 +48,7 @@ def test_reference_encodes_with_its_own_tower_when_the_policy_vision_trains():
 
 def test_rl_held_out_accuracy_scores_greedy_replies_per_category():
     """`[eval]` during RL: one greedy reply per held-out question, scored by the accuracy
-    reward; unreadable items are left out of the counts."""
+    reward; unreadable items are noted as skipped and left out of the counts."""
     from types import SimpleNamespace
 
     from stages.data.video import VideoDecodeError
@@ -78,5 +78,10 @@ def test_rl_held_out_accuracy_scores_greedy_replies_per_category():
             return replies[ids[0]]
 
     recipe = SimpleNamespace(eval=SimpleNamespace(input="held/eval.jsonl"), rollout=SimpleNamespace(max_new_tokens=8))
-    got = held_out_accuracy(Replay(), records, recipe, Grid())
+    noted = {}
+    skipped = SimpleNamespace(skip=lambda key, why: noted.setdefault(key, why))
+    got = held_out_accuracy(Replay(), records, recipe, Grid(), skipped)
     assert got == {"eval_accuracy": round(2 / 3, 6), "eval_accuracy/temporal": 0.5, "eval_accuracy/goal": 1.0}
+    assert list(noted) == ["eval:bad"] and "not a video" in noted["eval:bad"]
+    # no item scored: no accuracy at all (never 0.0)
+    assert held_out_accuracy(Replay(), records[3:], recipe, Grid(), skipped) == {}
