@@ -27,7 +27,7 @@ import torch
 
 from stages.mrsp.dist import Grid, all_gather_objects, barrier
 from stages.mrsp.engine import TrainEngine
-from stages.mrsp.lora import has_lora, load_adapter_weights, save_pretrained
+from stages.mrsp.lora import LORA_DIR, has_lora, load_adapter_weights, save_pretrained
 from stages.mrsp.state_files import StateFileError, load_tree, save_tree
 
 FORMAT = 2  # of trainer/: 1 was torch.save / DeepSpeed pickles, never read now
@@ -115,7 +115,7 @@ def load_state(engine: TrainEngine, folder: Path) -> dict:
     except StateFileError as e:
         raise CheckpointError(str(e)) from None
     except SafetensorError as e:  # lora/adapter_model.safetensors
-        raise CheckpointError(f"{folder / 'lora'}: not a safetensors file ({e})") from None
+        raise CheckpointError(f"{folder / LORA_DIR / 'adapter_model.safetensors'}: not a safetensors file ({e})") from None
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:  # files that do not fit this model
         raise CheckpointError(f"{folder}: does not fit this run ({str(e).strip().splitlines()[0][:200]})") from None
     return state
