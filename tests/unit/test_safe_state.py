@@ -60,8 +60,9 @@ def test_pickles_and_unlisted_types_in_state_files_never_run(tmp_path):
         (tmp_path / f"{stem.name}{suffix}").write_bytes(pickle.dumps(Payload(marker)))
         with pytest.raises(StateFileError, match=f"{stem.name}{suffix}"):
             load_tree(stem)
-    # JSON naming a callable (an os.system "object", a builtins enum) is refused by name
+    # JSON naming a type off the allow-list (a callable, a builtins "enum", any class) is refused by name
     for forged in ({"__object__": "posix.system", "fields": {}}, {"__enum__": "builtins.eval", "value": "1"},
+                   {"__object__": "argparse.Namespace", "fields": {"x": 1}},  # harmless, but not listed
                    {"__object__": "deepspeed.runtime.fp16.loss_scaler.LossScaler", "fields": {"__class__": 1}}):
         (tmp_path / "good.json").write_text(json.dumps({"x": forged}))
         with pytest.raises(StateFileError, match="good.json: not a state file lvr wrote"):
