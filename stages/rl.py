@@ -330,7 +330,7 @@ def step_metrics(b: StepBatch, t: GRPOTrainer, G: int) -> dict:
     # `loss` and `kl` of a micro-batch are its share of the mini-batch's: add the shares up
     # (over micro-batches and data-parallel ranks), averaged over the optimizer updates
     updates = t.algo.ppo_epochs * t.algo.mini_batches
-    parts |= {k: (sum(v) / updates, 1 if k in ("loss", "kl") else len(v)) for k, v in b.stats.items()}
+    parts |= {k: (sum(v) / updates, 1) if k in ("loss", "kl") else (sum(v), len(v)) for k, v in b.stats.items()}
     keys = sorted(set().union(*all_gather_objects(sorted(parts), None))) if grid.distributed else sorted(parts)
     sums = all_reduce_sum([parts.get(k, (0.0, 0))[i] for k in keys for i in (0, 1)], grid)
     out = {}
