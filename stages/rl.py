@@ -86,7 +86,8 @@ class GRPOTrainer:
                        train=(optimizer_steps, self.mini // self.micro))
         self.rt, self.engine = self.s.rt, self.s.engine
         self.skipped = SkippedInputs(run, self.grid)  # unreadable inputs: recorded once, counted in `failed`
-        self.records = read_jsonl(r.data.input, on_error=lambda line, why: self.skipped.skip(f"{r.data.input}:{line}", why))
+        self.records = read_jsonl(r.data.input, on_error=lambda line, why: self.skipped.skip(
+            f"{r.data.input}:{line}", why))
         self.records = self.records[:r.data.limit] if r.data.limit else self.records
         if not self.records:
             raise InputError(f"data.input: {r.data.input} holds no readable records")

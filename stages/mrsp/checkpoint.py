@@ -115,7 +115,8 @@ def load_state(engine: TrainEngine, folder: Path) -> dict:
     except StateFileError as e:
         raise CheckpointError(str(e)) from None
     except SafetensorError as e:  # lora/adapter_model.safetensors
-        raise CheckpointError(f"{folder / LORA_DIR / 'adapter_model.safetensors'}: not a safetensors file ({e})") from None
+        path = folder / LORA_DIR / "adapter_model.safetensors"
+        raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:  # files that do not fit this model
         raise CheckpointError(f"{folder}: does not fit this run ({str(e).strip().splitlines()[0][:200]})") from None
     return state
@@ -231,7 +232,7 @@ def resume(engine: TrainEngine, run_path: Path, logs: list[Path]) -> int:
         try:
             step = load_state(engine, ck)["step"]
         except CheckpointError as e:
-            error = f"{e}; remove {ck} to resume from an earlier checkpoint"
+            error = f"{e} (remove checkpoints/{ck.name} to resume from an earlier checkpoint)"
     errors = all_gather_objects(error, None) if grid.distributed else [error]
     if any(errors):
         raise CheckpointError(next(e for e in errors if e))

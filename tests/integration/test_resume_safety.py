@@ -66,8 +66,8 @@ def test_resume_reads_no_pickle_and_refuses_a_planted_one_in_one_line(tiny_data,
     ck = run / "checkpoints" / "step_2"
     marker = tmp_path / "PWNED"
     payload = pickle.dumps(Payload(marker))
-    read = ["trainer/state.json", "trainer/optimizer.rank0.safetensors" if deepspeed else "trainer/optimizer.safetensors",
-            "trainer/optimizer.rank0.json" if deepspeed else "trainer/optimizer.json",
+    optimizer = "trainer/optimizer.rank0" if deepspeed else "trainer/optimizer"
+    read = ["trainer/state.json", f"{optimizer}.safetensors", f"{optimizer}.json",
             "lora/adapter_model.safetensors" if lora else "model.safetensors"]
     for name in read:
         original = (ck / name).read_bytes()

@@ -99,7 +99,8 @@ def test_rl_step_metrics_are_means_over_rollouts_and_sums_of_loss_shares():
 
     samples = [SimpleNamespace(record={"category": "temporal"}), SimpleNamespace(record={"category": "goal"})]
     b = StepBatch(samples, responses=[[[1, 2], [3]], [[4], [5, 6, 7]]],
-                  rewards=[{"total": t, "format": 1.0, "accuracy": a} for t, a in ((1.5, 1), (0.5, 0), (1.5, 1), (1.5, 1))],
+                  rewards=[{"total": t, "format": 1.0, "accuracy": a}
+                           for t, a in ((1.5, 1), (0.5, 0), (1.5, 1), (1.5, 1))],
                   advantages=torch.tensor([1.0, -1.0, 0.0, 0.0]), group_std=torch.tensor([0.7, 0.0]),
                   stats={"loss": [0.5, 0.25], "kl": [0.1, 0.1], "entropy": [2.0, 4.0]})
     t = SimpleNamespace(grid=Grid(), algo=SimpleNamespace(ppo_epochs=2, mini_batches=1),
