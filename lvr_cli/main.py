@@ -34,8 +34,9 @@ def options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="let l
 
 
 def fail(message: str, code: int = 2) -> None:
-    """Print one line to stderr and exit (2: bad usage or recipe)."""
-    typer.echo(f"error: {message}", err=True)
+    """Print one line to stderr and exit (2: bad usage or recipe); a message of several lines
+    (an exception's) is joined into one."""
+    typer.echo("error: " + " ".join(part.strip() for part in str(message).splitlines() if part.strip()), err=True)
     raise typer.Exit(code)
 
 
@@ -81,14 +82,18 @@ def run_stage(stage: str, stage_run, path: Path, overrides: list[str] | None,
         fail(str(e))
     from stages.backends.base import BackendError
     from stages.evalkit.items import EmptyEvalSetError
+    from stages.mrsp.checkpoint import CheckpointError
     from stages.mrsp.dist import CollectiveError
+    from stages.setup import InputError
 
     log = RunLog(run.path, run.rank, verbose()).start()  # library output -> run.log
     try:
         summary = stage_run(recipe, run)
-    except EmptyEvalSetError as e:  # an input without records: a bad input, refused before any work
+    except (EmptyEvalSetError, InputError) as e:  # a recipe value the stage cannot use, refused before any work
         run.discard()
         fail(f"{path}: {e}")
+    except CheckpointError as e:  # the run's checkpoint cannot be resumed from (nothing in it was executed)
+        fail(f"cannot resume: {e}", 1)
     except BackendError as e:  # a backend the recipe describes cannot be built (bad key, URL, ...)
         fail(f"{path}: {e}")
     except CollectiveError as e:  # another process of the launch died or hung
@@ -201,19 +206,19 @@ def merge(targets: Annotated[list[str], typer.Argument(
 
 
 @app.command()
-def sft(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+def sft(recipe: RecipeArg, overrides: OverridesArg = None, allow_failures: AllowFailures = False) -> None:
     """CoT supervised fine-tuning on <think>/<answer> targets (sequence parallel, DeepSpeed)."""
     from stages import sft as stage
 
-    run_stage("sft", stage.run, recipe, overrides)
+    run_stage("sft", stage.run, recipe, overrides, allow_failures)
 
 
 @app.command()
-def rl(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+def rl(recipe: RecipeArg, overrides: OverridesArg = None, allow_failures: AllowFailures = False) -> None:
     """GRPO on long videos with the MR-SP runtime."""
     from stages import rl as stage
 
-    run_stage("rl", stage.run, recipe, overrides)
+    run_stage("rl", stage.run, recipe, overrides, allow_failures)
 
 
 @app.command("eval")

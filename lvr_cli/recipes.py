@@ -117,13 +117,48 @@ def _walk(data: Any, prefix: str = ""):
 
 
 def check_paths(recipe: Recipe, base: Path = Path(".")) -> None:
-    """Raise `RecipeError` naming the key when an input path of the recipe does not exist."""
+    """Raise `RecipeError` naming the key when an input path of the recipe does not exist, a
+    local `model.path` is not a model folder, or `qa.prompts_dir` lacks a prompt the recipe needs."""
     for key, value in _walk(resolved(recipe)):
         if key in INPUT_PATHS and value is not None:
             if any(ch in str(value) for ch in "*?[") and key == "data.input":
                 continue  # a glob: resolved by the stage
             if not (base / value).exists():
                 raise RecipeError(f"{key}: {value}: no such file or directory")
+    model = getattr(recipe, "model", None)
+    if model is not None:
+        check_model_path(model.path, base)
+    if recipe.stage == "generate-qa":
+        from stages.generate_qa import load_templates
+
+        if not (base / recipe.qa.prompts_dir).is_dir():
+            raise RecipeError(f"qa.prompts_dir: {recipe.qa.prompts_dir}: no such folder")
+        try:
+            load_templates(recipe.qa)
+        except FileNotFoundError as e:
+            raise RecipeError(str(e)) from None
+
+
+def check_model_path(path: str, base: Path = Path(".")) -> None:
+    """Refuse a `model.path` that cannot name a model: an unknown `tiny:` family, a local path
+    that does not exist or is not a Hugging Face model folder. A hub id (`org/name`) is left
+    to the stage, which reports in one line when it cannot load it."""
+    from stages.models.tiny import FAMILIES, TINY_PREFIX, family_of
+
+    family = family_of(path)
+    if family is not None:
+        if family not in FAMILIES:
+            raise RecipeError(f"model.path: {path!r}: no such tiny model; use one of "
+                              + ", ".join(TINY_PREFIX + f for f in FAMILIES))
+        return
+    local = base / Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise RecipeError(f"model.path: {path}: no config.json (not a Hugging Face model folder)")
+    elif local.exists():
+        raise RecipeError(f"model.path: {path}: a file, not a model folder")
+    elif path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path:  # not a hub id
+        raise RecipeError(f"model.path: {path}: no such folder")
 
 
 def default_output_dir(recipe: Recipe, recipe_path: str | Path) -> Path:

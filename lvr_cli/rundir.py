@@ -153,12 +153,7 @@ class RunDir:
         self._failed.add(key)
         self._writer(name).write({"key": key, "reason": reason, "rank": self.rank, **extra})
         if self.is_main:
-            from rich.console import Console
-            from rich.markup import escape
-
-            # one line whatever the width (a log is grepped by key); brackets in a reason are text
-            Console(stderr=True, soft_wrap=True).print(f"[yellow]skipped[/] {escape(f'{key}: {reason}')}",
-                                                       highlight=False)
+            note("skipped", f"{key}: {reason}")
             self.live.error()
 
     def settle_errors(self, done: Callable[[str], bool],
@@ -192,6 +187,21 @@ class RunDir:
     def progress(self, description: str, total: int | None):
         """A context giving a bar to `advance(n)` (rank 0 shows it; see `lvr_cli/live.py`)."""
         return self.live.progress(description, total)
+
+
+def note(label: str, text: str) -> None:
+    """One line on stderr: `label` in yellow on a terminal; plain and never wrapped otherwise
+    (a log file or a pipe gets each message on exactly one line)."""
+    import sys
+
+    text = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    if not sys.stderr.isatty():
+        print(f"{label} {text}", file=sys.stderr, flush=True)
+        return
+    from rich.console import Console
+    from rich.text import Text
+
+    Console(stderr=True, soft_wrap=True).print(Text.assemble((label, "yellow"), " ", text))
 
 
 def _without_overwrite(data: dict) -> dict:

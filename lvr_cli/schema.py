@@ -83,9 +83,19 @@ class SynthSpec(Section):
             raise ValueError("object_size_px: larger than the frame")
         return self
 
+    @model_validator(mode="after")
+    def _scenes(self):
+        from stages.data.synth import scene_problem
+
+        problem = scene_problem(self)
+        if problem:
+            raise ValueError(problem)
+        return self
+
 
 class SynthRecipe(Recipe):
     stage: Literal["synth"] = "synth"
+    seed: NonNegInt = 0  # the video scripts' random streams need a non-negative seed
     synth: SynthSpec = SynthSpec()
 
 

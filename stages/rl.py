@@ -37,6 +37,7 @@ Where it departs from the paper:
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,10 +51,11 @@ from stages.data.records import CATEGORIES, read_records
 from stages.data.video import VideoDecodeError
 from stages.mrsp.checkpoint import resume, save_checkpoint, save_final
 from stages.mrsp.data_order import step_records
-from stages.mrsp.dist import all_reduce_sum, dp_mean
+from stages.mrsp.dist import all_gather_objects, all_reduce_sum, dp_mean
 from stages.mrsp.rollout import Sampling
 from stages.mrsp.runtime import Sample
-from stages.setup import open_grid, processor_source, setup
+from stages.setup import InputError, open_grid, processor_source, setup
+from stages.skipped import SkippedInputs
 
 PHASES = ("vision", "rollout", "old", "ref", "update")
 
@@ -92,11 +94,16 @@ class GRPOTrainer:
         self.s = setup(r, self.grid, reference=self.algo.kl_coef > 0,
                        train=(optimizer_steps, self.mini // self.micro))
         self.rt, self.engine = self.s.rt, self.s.engine
-        self.records = read_records(r.data.input, on_error=lambda line, why: run.error(f"{r.data.input}:{line}", why))
+        self.skipped = SkippedInputs(run, self.grid)  # unreadable inputs: recorded once, counted in `failed`
+        self.records = read_records(r.data.input, on_error=lambda line, why: self.skipped.skip(
+            f"{r.data.input}:{line}", why))
         self.records = self.records[:r.data.limit] if r.data.limit else self.records
+        if not self.records:
+            raise InputError(f"data.input: {r.data.input} holds no readable records")
         self.video_dir = r.data.video_dir or str(Path(r.data.input).parent)
-        self.held_out = read_records(r.eval.input, on_error=lambda line, why: run.error(f"{r.eval.input}:{line}", why)
-                                     )[:r.eval.limit or None] if r.eval.input else []
+        self.held_out = read_records(r.eval.input, on_error=lambda line, why: self.skipped.skip(
+            f"{r.eval.input}:{line}", why))[:r.eval.limit or None] if r.eval.input else []
+        self.skipped.flush()
 
     # -- the loop ------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -104,14 +111,17 @@ class GRPOTrainer:
         start = resume(self.engine, run.path, [run.file("metrics.jsonl"), run.file("samples.jsonl")])
         self.s.adapter.model.train()
         if self.held_out and start == 0:  # where the policy starts, as step 0
-            run.metric(0, **held_out_accuracy(self.rt, self.held_out, self.recipe, self.grid))
+            accuracy = held_out_accuracy(self.rt, self.held_out, self.recipe, self.grid, self.skipped)
+            if accuracy:
+                run.metric(0, **accuracy)
         history = []
         with run.progress("rl steps", r.train.steps) as bar:
             bar.advance(start)
             for step in range(start, r.train.steps):
                 metrics = self.train_step(step)
                 if self.held_out and ((step + 1) % r.eval.every_steps == 0 or step + 1 == r.train.steps):
-                    metrics.update(held_out_accuracy(self.rt, self.held_out, self.recipe, self.grid))
+                    metrics.update(held_out_accuracy(self.rt, self.held_out, self.recipe, self.grid, self.skipped))
+                self.skipped.flush()
                 history.append(metrics)
                 run.metric(step + 1, **metrics)
                 save_checkpoint(self.engine, self.s.adapter.tokenizer, run.path, step + 1,
@@ -124,7 +134,7 @@ class GRPOTrainer:
 
             name, keys, title = CURVES["rl"]
             plot_metrics(run.file("metrics.jsonl"), run.file(name), keys, title)
-        return summary(history, start, final, self.engine, r.train.steps)
+        return summary(history, start, final, self.engine, r.train.steps, self.skipped.count)
 
     def train_step(self, step: int) -> dict:
         rt, algo, G = self.rt, self.algo, self.recipe.rollout.n
@@ -133,6 +143,8 @@ class GRPOTrainer:
 
         # 1. the step's questions and their videos (encoded once, sharded over the SP group)
         b = StepBatch(self.load_samples(step))
+        if not all_reduce_sum([len(b.samples)], self.grid)[0]:  # no rank could read any: no update
+            return self.skip_step(step)
         with Timer(b.timers, "vision"), torch.no_grad():
             for s in b.samples:
                 rt.embed(s)
@@ -180,15 +192,22 @@ class GRPOTrainer:
 
     # -- the pieces of a step ------------------------------------------------------------------
     def load_samples(self, step: int) -> list[Sample]:
-        """This rank's questions of `step`; an unreadable one is recorded and left out."""
+        """This rank's questions of `step`; an unreadable one is noted in `skipped` and left out."""
         r, grid = self.recipe, self.grid
         samples = []
         for i in step_records(len(self.records), step, r.train.global_batch, r.seed, grid.dp_rank, grid.dp_size):
             try:
                 samples.append(self.rt.sample(self.records[i], self.video_dir))
             except (VideoDecodeError, KeyError, ValueError) as e:
-                self.run.error(str(self.records[i].get("problem_id", i)), f"{type(e).__name__}: {e}")
+                self.skipped.skip(str(self.records[i].get("problem_id", i)), f"{type(e).__name__}: {e}")
         return samples
+
+    def skip_step(self, step: int) -> dict:
+        """A step none of whose questions could be read on any rank: no rollouts, no update."""
+        if self.grid.is_main:
+            print(f"step {step + 1}: no question of the step could be read; skipped (see errors.jsonl)",
+                  file=sys.stderr, flush=True)
+        return {"questions": 0, "lr": self.engine.lr}
 
     def sampling(self, step: int) -> Sampling:
         """The step's sampling; a question's seed is its place in the global batch (`generate`'s
@@ -222,7 +241,8 @@ class GRPOTrainer:
         kl_ref = bool(b.refs) and not algo.kl_in_reward
         for u0 in range(slots.start, slots.stop, self.micro):
             idx = [q for q in range(u0, u0 + self.micro) if q < len(b.samples)]
-            loss = torch.zeros((), requires_grad=True)
+            # no question left in the slots (failed videos): a zero gradient keeps the ranks in step
+            loss = self.engine.empty_loss()
             if idx:
                 lps, ents = rt.group_logprobs([b.samples[q] for q in idx], [b.responses[q] for q in idx],
                                               entropy=True, grad_vision=rt.vision_trains)
@@ -255,16 +275,18 @@ class GRPOTrainer:
                                  "advantage": float(b.advantages[qi * G + j])})
 
 
-def held_out_accuracy(rt, records: list[dict], recipe, grid) -> dict:
+def held_out_accuracy(rt, records: list[dict], recipe, grid, skipped: SkippedInputs) -> dict:
     """Greedy accuracy on the held-out records (`[eval]`), overall and per category, scored by
-    the RL accuracy reward; each DP rank takes its share. Unreadable items are left out."""
+    the RL accuracy reward; each DP rank takes its share. Unreadable items are noted in
+    `skipped` and left out; an accuracy over no item is absent."""
     video_dir = str(Path(recipe.eval.input).parent)
     greedy = Sampling(0.0, 1.0, recipe.rollout.max_new_tokens)
     sums = {f"{c}/{i}": 0.0 for c in ("all", *CATEGORIES) for i in (0, 1)}
-    for rec in records[grid.dp_rank::grid.dp_size]:
+    for i, rec in enumerate(records[grid.dp_rank::grid.dp_size]):
         try:
             sample = rt.sample(rec, video_dir)
-        except (VideoDecodeError, KeyError, ValueError):
+        except (VideoDecodeError, KeyError, ValueError) as e:
+            skipped.skip(f"eval:{rec.get('problem_id', grid.dp_rank + i * grid.dp_size)}", f"{type(e).__name__}: {e}")
             continue
         (rollout,), = rt.generate([sample], 1, greedy)
         text = rt.response_text(rollout.token_ids)
@@ -274,8 +296,9 @@ def held_out_accuracy(rt, records: list[dict], recipe, grid) -> dict:
                 sums[f"{c}/0"] += right
                 sums[f"{c}/1"] += 1
     sums = dp_mean(sums, grid)  # a mean of sums: the ratios below are unchanged
-    out = {"eval_accuracy": sums["all/0"] / max(sums["all/1"], 1e-9)}
-    out.update({f"eval_accuracy/{c}": sums[f"{c}/0"] / sums[f"{c}/1"] for c in CATEGORIES if sums[f"{c}/1"] > 0})
+    out = {f"eval_accuracy/{c}": sums[f"{c}/0"] / sums[f"{c}/1"] for c in CATEGORIES if sums[f"{c}/1"] > 0}
+    if sums["all/1"] > 0:
+        out = {"eval_accuracy": sums["all/0"] / sums["all/1"], **out}
     return {k: round(v, 6) for k, v in out.items()}
 
 
@@ -315,25 +338,30 @@ def pad_rows_mask(masks: list[torch.Tensor], width: int) -> torch.Tensor:
 
 
 def step_metrics(b: StepBatch, t: GRPOTrainer, G: int) -> dict:
-    """One step's metrics, averaged (or, for counts, summed) over the data-parallel ranks."""
-    grid, n = t.grid, max(len(b.rewards), 1)
-    out = {f"reward/{k}": sum(p[k] for p in b.rewards) / n for k in ("total", "format", "accuracy")}
+    """One step's metrics over all data-parallel ranks: means over the step's rollouts (groups,
+    micro-batches) wherever they are, so a rank whose questions failed to load counts none."""
+    grid, adv = t.grid, b.advantages
     lengths = [len(r) for g in b.responses for r in g]
-    adv = b.advantages
+    # (sum, count) on this rank, summed over the ranks below
+    parts = {f"reward/{k}": (sum(p[k] for p in b.rewards), len(b.rewards)) for k in ("total", "format", "accuracy")}
+    parts |= {"advantage/mean": (float(adv.sum()), len(adv)), "advantage/abs_mean": (float(adv.abs().sum()), len(adv)),
+              "zero_variance_groups": (float((b.group_std == 0).sum()), len(b.group_std)),
+              "response_length": (float(sum(lengths)), len(lengths))}
     # `loss` and `kl` of a micro-batch are its share of the mini-batch's: add the shares up
-    # (over micro-batches here and over data-parallel ranks by the dp_size factor below)
+    # (over micro-batches and data-parallel ranks), averaged over the optimizer updates
     updates = t.algo.ppo_epochs * t.algo.mini_batches
-    shares = {k: sum(b.stats.pop(k, [])) / updates * grid.dp_size for k in ("loss", "kl") if k in b.stats}
-    out.update({
-        "advantage/mean": float(adv.mean()) if len(adv) else 0.0,
-        "advantage/abs_mean": float(adv.abs().mean()) if len(adv) else 0.0,
-        "zero_variance_groups": float((b.group_std == 0).float().mean()) if len(b.group_std) else 0.0,
-        "response_length": sum(lengths) / max(len(lengths), 1),
-        **shares, **{k: sum(v) / len(v) for k, v in b.stats.items()},
-        "lr": t.engine.lr, "grad_norm": t.engine.last_grad_norm,
-        **{f"time/{k}": v for k, v in b.timers.items()},
-    })
-    out = dp_mean(out, grid)
+    parts |= {k: (sum(v) / updates, 1) if k in ("loss", "kl") else (sum(v), len(v)) for k, v in b.stats.items()}
+    keys = sorted(set().union(*all_gather_objects(sorted(parts), None))) if grid.distributed else sorted(parts)
+    sums = all_reduce_sum([parts.get(k, (0.0, 0))[i] for k in keys for i in (0, 1)], grid)
+    out = {}
+    for j, k in enumerate(keys):
+        total, count = sums[2 * j], sums[2 * j + 1]
+        if k in ("loss", "kl"):  # an SP group's ranks all hold the group's share
+            out[k] = total / grid.sp_size
+        elif count:
+            out[k] = total / count
+    out |= dp_mean({"lr": t.engine.lr, "grad_norm": t.engine.last_grad_norm,
+                    **{f"time/{k}": v for k, v in b.timers.items()}}, grid)
     per_cat = {c: [0.0, 0.0] for c in CATEGORIES}  # accuracy sum, count (summed over ranks below)
     for qi, s in enumerate(b.samples):
         cat = s.record.get("category", s.record.get("problem_type"))
@@ -349,7 +377,7 @@ def step_metrics(b: StepBatch, t: GRPOTrainer, G: int) -> dict:
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in out.items()}
 
 
-def summary(history: list[dict], start: int, final: Path, engine, steps: int) -> dict:
+def summary(history: list[dict], start: int, final: Path, engine, steps: int, failed: int) -> dict:
     # One step's accuracy is a few questions' worth: compare the halves of the run instead.
     acc = [m["reward/accuracy"] for m in history if "reward/accuracy" in m]
     half = len(acc) // 2
@@ -357,7 +385,8 @@ def summary(history: list[dict], start: int, final: Path, engine, steps: int) ->
     return {"steps": steps, "resumed_from": start, "final": str(final),
             "accuracy_first_half": mean(acc[:half]), "accuracy_second_half": mean(acc[half:]),
             "eval_accuracy_last": next((h["eval_accuracy"] for h in reversed(history) if "eval_accuracy" in h), None),
-            "gradient_checkpointing": engine.checkpointing, "trainable_params": engine.trainable_params, "failed": 0}
+            "gradient_checkpointing": engine.checkpointing, "trainable_params": engine.trainable_params,
+            "failed": failed}
 
 
 def run(recipe, run) -> dict:

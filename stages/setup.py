@@ -9,6 +9,7 @@ below `stages/mrsp/` receives typed sections or plain values from here, never th
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,10 @@ from stages.models.adapter import VLAdapter, load_adapter, load_model, model_dty
 from stages.mrsp.dist import Grid, init_grid
 from stages.mrsp.engine import TrainEngine
 from stages.mrsp.runtime import Mode, Runtime
+
+
+class InputError(Exception):
+    """A recipe value the stage cannot use, found before any work: one line naming the key."""
 
 
 @dataclass
@@ -41,15 +46,30 @@ def open_grid(recipe) -> Grid:
 def load_policy(recipe, grid: Grid) -> VLAdapter:
     """The model `model.path` names, in `model.dtype`, on this rank's device."""
     m = recipe.model
-    return load_adapter(m.path, model_dtype(m.dtype, grid.device), grid.device, m.attn_implementation)
+    with model_path_errors(m.path):
+        return load_adapter(m.path, model_dtype(m.dtype, grid.device), grid.device, m.attn_implementation)
 
 
 def load_reference(recipe, grid: Grid, policy: VLAdapter) -> VLAdapter:
     """A frozen copy of `model.path` that shares the policy's tokenizer and patch spec."""
     m = recipe.model
-    model = load_model(m.path, model_dtype(m.dtype, grid.device), grid.device, m.attn_implementation).eval()
+    with model_path_errors(m.path):
+        model = load_model(m.path, model_dtype(m.dtype, grid.device), grid.device, m.attn_implementation).eval()
     model.requires_grad_(False)
     return VLAdapter(model, policy.tokenizer, policy.patch_spec)
+
+
+@contextmanager
+def model_path_errors(path: str):
+    """Turn a model that cannot be loaded (no such folder or hub id, not a supported model, a
+    broken file) into an `InputError` naming `model.path`, in one line."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise InputError(f"model.path: {path}: cannot be loaded ({lines[0] if lines else type(e).__name__})") from None
 
 
 def make_runtime(recipe, adapter: VLAdapter, grid: Grid, mode: Mode | None = None) -> Runtime:

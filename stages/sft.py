@@ -21,9 +21,10 @@ from stages.data.records import answer_target, read_records
 from stages.data.video import VideoDecodeError
 from stages.mrsp.checkpoint import resume, save_checkpoint, save_final
 from stages.mrsp.data_order import step_records
-from stages.mrsp.dist import dp_mean
+from stages.mrsp.dist import all_reduce_sum, dp_mean
 from stages.mrsp.runtime import Runtime, Sample
-from stages.setup import open_grid, processor_source, setup
+from stages.setup import InputError, open_grid, processor_source, setup
+from stages.skipped import SkippedInputs
 
 
 def target_text(record: dict) -> str:
@@ -49,13 +50,17 @@ def run(recipe, run) -> dict:
     built = setup(recipe, grid, train=(recipe.train.steps, per_rank // micro))
     adapter, rt, engine = built.adapter, built.rt, built.engine
 
-    records = read_records(recipe.data.input, on_error=lambda line, why: run.error(f"{recipe.data.input}:{line}", why))
+    skipped = SkippedInputs(run, grid)
+    records = read_records(recipe.data.input, on_error=lambda line, why: skipped.skip(f"{recipe.data.input}:{line}", why))
     records = records[:recipe.data.limit] if recipe.data.limit else records
+    if not records:
+        raise InputError(f"data.input: {recipe.data.input} holds no readable records")
     video_dir = recipe.data.video_dir or str(Path(recipe.data.input).parent)
     held_out = []
     if recipe.eval.input:
-        held_out = read_records(recipe.eval.input, on_error=lambda line, why: run.error(f"{recipe.eval.input}:{line}", why))
-        held_out = held_out[:recipe.eval.limit or None]
+        held_out = read_records(recipe.eval.input, on_error=lambda line, why: skipped.skip(
+            f"{recipe.eval.input}:{line}", why))[:recipe.eval.limit or None]
+    skipped.flush()
     start = resume(engine, run.path, [run.file("metrics.jsonl"), run.file("samples.jsonl")])
     adapter.model.train()
     history = []
@@ -73,20 +78,28 @@ def run(recipe, run) -> dict:
                     try:
                         samples.append(rt.sample(records[i], video_dir))
                     except (VideoDecodeError, KeyError, ValueError) as e:
-                        run.error(str(records[i].get("problem_id", i)), f"{type(e).__name__}: {e}")
-                total, count = nll(rt, samples, grad_vision=rt.vision_trains)
-                loss = total / max(count, 1)
+                        skipped.skip(str(records[i].get("problem_id", i)), f"{type(e).__name__}: {e}")
+                if samples:
+                    total, count = nll(rt, samples, grad_vision=rt.vision_trains)
+                    loss = total / max(count, 1)
+                    losses.append(float(loss.detach()))
+                else:  # nothing readable: a zero gradient keeps this rank in step with the others
+                    loss, count = engine.empty_loss(), 0
                 engine.backward(loss)
                 if engine.step():
                     rt.optimizer_stepped()
-                losses.append(float(loss.detach()))
                 tokens += count
-            metrics = dp_mean({"loss": sum(losses) / len(losses), "target_tokens": float(tokens),
-                               "lr": engine.lr, "grad_norm": engine.last_grad_norm,
-                               "time/step": time.perf_counter() - t}, grid)
+            # the loss: a mean over the micro-batches that had inputs, on every rank
+            loss_sum, loss_count = all_reduce_sum([sum(losses), len(losses)], grid)
+            metrics = {"loss": loss_sum / loss_count} if loss_count else {}  # absent when nothing was read
+            metrics |= dp_mean({"target_tokens": float(tokens), "lr": engine.lr, "grad_norm": engine.last_grad_norm,
+                                "time/step": time.perf_counter() - t}, grid)
             metrics.update(rt.counters())
             if held_out and ((step + 1) % recipe.eval.every_steps == 0 or step + 1 == recipe.train.steps):
-                metrics["eval_loss"] = held_out_loss(rt, held_out, recipe, grid)
+                eval_loss = held_out_loss(rt, held_out, recipe, grid, skipped)
+                if eval_loss is not None:  # absent, never 0.0, when no held-out item could be scored
+                    metrics["eval_loss"] = eval_loss
+            skipped.flush()
             metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
             history.append(metrics)
             run.metric(step + 1, **metrics)
@@ -100,26 +113,30 @@ def run(recipe, run) -> dict:
 
         name, keys, title = CURVES["sft"]
         plot_metrics(run.file("metrics.jsonl"), run.file(name), keys, title)
+    losses = [h["loss"] for h in history if "loss" in h]
     return {"steps": recipe.train.steps, "resumed_from": start, "final": str(final),
-            "loss_first": history[0]["loss"] if history else None,
-            "loss_last": history[-1]["loss"] if history else None,
+            "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
             "eval_loss_last": next((h["eval_loss"] for h in reversed(history) if "eval_loss" in h), None),
-            "gradient_checkpointing": engine.checkpointing, "trainable_params": engine.trainable_params, "failed": 0}
+            "gradient_checkpointing": engine.checkpointing, "trainable_params": engine.trainable_params,
+            "failed": skipped.count}
 
 
-def held_out_loss(rt: Runtime, records: list[dict], recipe, grid) -> float:
-    """Token-mean NLL of the held-out records' targets (each DP rank takes its share)."""
+def held_out_loss(rt: Runtime, records: list[dict], recipe, grid, skipped: SkippedInputs) -> float | None:
+    """Token-mean NLL of the held-out records' targets (each DP rank takes its share); None
+    when no record could be scored. An unreadable record is noted in `skipped`."""
     video_dir = str(Path(recipe.eval.input).parent)
     mine = records[grid.dp_rank::grid.dp_size]
     total, count = 0.0, 0
     rt.adapter.model.eval()
     with torch.no_grad():
-        for rec in mine:
+        for i, rec in enumerate(mine):
             try:
                 t, c = nll(rt, [rt.sample(rec, video_dir)])
-            except (VideoDecodeError, KeyError, ValueError):
+            except (VideoDecodeError, KeyError, ValueError) as e:
+                skipped.skip(f"eval:{rec.get('problem_id', grid.dp_rank + i * grid.dp_size)}",
+                             f"{type(e).__name__}: {e}")
                 continue
             total, count = total + float(t), count + c
     rt.adapter.model.train()
-    sums = dp_mean({"total": total, "count": float(count)}, grid)
-    return sums["total"] / max(sums["count"], 1.0)
+    total, count = all_reduce_sum([total, float(count)], grid)
+    return total / count if count else None

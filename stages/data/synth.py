@@ -96,6 +96,22 @@ def _rng(seed: int, *key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
 
 
+def scene_problem(cfg) -> str | None:
+    """What makes `cfg`'s scene script impossible, as "field: reason", or None (the recipe
+    schema refuses such a `[synth]` section up front with this message)."""
+    complete = math.floor(round(cfg.fps * cfg.seconds) / cfg.fps / cfg.event_seconds + 1e-9)
+    if complete < 3:
+        return (f"seconds: {cfg.seconds:g} s holds {complete} complete scene(s) of event_seconds = "
+                f"{cfg.event_seconds:g} s; the script needs 3 complete scenes (flash, press, consequence)")
+    if cfg.question_set == "perception" and complete < 5:
+        return (f"seconds: question_set 'perception' needs 5 complete scenes (the press colour must fill the "
+                f"most), {cfg.seconds:g} s / {cfg.event_seconds:g} s gives {complete}")
+    if cfg.event_seconds * cfg.fps < 4:
+        return (f"event_seconds: {cfg.event_seconds:g} s at fps = {cfg.fps:g} is "
+                f"{cfg.event_seconds * cfg.fps:g} frames; a scene needs at least 4")
+    return None
+
+
 def _check(cfg, seed: int) -> None:
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
@@ -105,19 +121,9 @@ def _check(cfg, seed: int) -> None:
         raise ValueError(f"width and height must be even for yuv420p, got {cfg.width}x{cfg.height}")
     if not 1 <= cfg.object_size_px <= min(cfg.width, cfg.height):
         raise ValueError(f"object_size_px must be in [1, {min(cfg.width, cfg.height)}], got {cfg.object_size_px}")
-    complete = math.floor(round(cfg.fps * cfg.seconds) / cfg.fps / cfg.event_seconds + 1e-9)
-    if complete < 3:
-        raise ValueError(
-            f"seconds / event_seconds must allow 3 complete scenes (flash, press, consequence), "
-            f"got {cfg.seconds} / {cfg.event_seconds}"
-        )
-    if cfg.question_set == "perception" and complete < 5:
-        raise ValueError(
-            f"question_set 'perception' needs 5 complete scenes (the press colour must fill the most), "
-            f"got {cfg.seconds} / {cfg.event_seconds}"
-        )
-    if cfg.event_seconds * cfg.fps < 4:
-        raise ValueError(f"event_seconds * fps must be >= 4 frames per scene, got {cfg.event_seconds * cfg.fps}")
+    problem = scene_problem(cfg)
+    if problem:
+        raise ValueError(problem)
 
 
 def build_script(cfg, seed: int, index: int) -> VideoScript:

@@ -136,6 +136,12 @@ class TrainEngine:
         else:
             (loss * scale / self.accum_steps).backward()
 
+    def empty_loss(self) -> torch.Tensor:
+        """A zero loss that reaches every trainable parameter: what a micro-batch without inputs
+        backwards, so each rank's gradient hooks fire as on any other micro-batch (ZeRO-2
+        reduces gradients in buckets those hooks fill, and fails on a backward that fills none)."""
+        return sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
+
     def step(self) -> bool:
         """End one micro-batch; at the accumulation boundary, step the optimizer (return True)."""
         self.micro += 1

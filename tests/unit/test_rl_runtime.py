@@ -48,7 +48,7 @@ def test_reference_encodes_with_its_own_tower_when_the_policy_vision_trains():
 
 def test_rl_held_out_accuracy_scores_greedy_replies_per_category():
     """`[eval]` during RL: one greedy reply per held-out question, scored by the accuracy
-    reward; unreadable items are left out of the counts."""
+    reward; unreadable items are noted as skipped and left out of the counts."""
     from types import SimpleNamespace
 
     from stages.data.video import VideoDecodeError
@@ -78,5 +78,35 @@ def test_rl_held_out_accuracy_scores_greedy_replies_per_category():
             return replies[ids[0]]
 
     recipe = SimpleNamespace(eval=SimpleNamespace(input="held/eval.jsonl"), rollout=SimpleNamespace(max_new_tokens=8))
-    got = held_out_accuracy(Replay(), records, recipe, Grid())
+    noted = {}
+    skipped = SimpleNamespace(skip=lambda key, why: noted.setdefault(key, why))
+    got = held_out_accuracy(Replay(), records, recipe, Grid(), skipped)
     assert got == {"eval_accuracy": round(2 / 3, 6), "eval_accuracy/temporal": 0.5, "eval_accuracy/goal": 1.0}
+    assert list(noted) == ["eval:bad"] and "not a video" in noted["eval:bad"]
+    # no item scored: no accuracy at all (never 0.0)
+    assert held_out_accuracy(Replay(), records[3:], recipe, Grid(), skipped) == {}
+
+
+def test_rl_step_metrics_are_means_over_rollouts_and_sums_of_loss_shares():
+    """Rewards, lengths and advantages are means over the step's rollouts; entropy a mean over
+    micro-batches; loss and KL the micro-batches' shares added up per optimizer update."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from stages.mrsp.dist import Grid
+    from stages.rl import StepBatch, step_metrics
+
+    samples = [SimpleNamespace(record={"category": "temporal"}), SimpleNamespace(record={"category": "goal"})]
+    b = StepBatch(samples, responses=[[[1, 2], [3]], [[4], [5, 6, 7]]],
+                  rewards=[{"total": t, "format": 1.0, "accuracy": a}
+                           for t, a in ((1.5, 1), (0.5, 0), (1.5, 1), (1.5, 1))],
+                  advantages=torch.tensor([1.0, -1.0, 0.0, 0.0]), group_std=torch.tensor([0.7, 0.0]),
+                  stats={"loss": [0.5, 0.25], "kl": [0.1, 0.1], "entropy": [2.0, 4.0]})
+    t = SimpleNamespace(grid=Grid(), algo=SimpleNamespace(ppo_epochs=2, mini_batches=1),
+                        engine=SimpleNamespace(lr=0.1, last_grad_norm=1.0), rt=SimpleNamespace(counters=dict))
+    m = step_metrics(b, t, 2)
+    assert m["reward/total"] == 1.25 and m["reward/accuracy"] == 0.75 and m["response_length"] == 1.75
+    assert m["advantage/mean"] == 0.0 and m["advantage/abs_mean"] == 0.5 and m["zero_variance_groups"] == 0.5
+    assert m["entropy"] == 3.0 and m["loss"] == 0.375 and m["kl"] == 0.1
+    assert m["accuracy/temporal"] == 0.5 and m["accuracy/goal"] == 1.0 and m["lr"] == 0.1
