@@ -1,6 +1,8 @@
 """On-policy GRPO steps take the old log-probs from the update forward (detached) instead of a
 separate old-policy forward: the same loss and gradients, with and without SP and shared prompts."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -33,26 +35,15 @@ dir = "{out}"
 """
 
 
-class _Run:
-    """What `train_step` writes to, kept in memory."""
-
-    def __init__(self):
-        self.errors, self.samples = [], []
-
-    def error(self, key, reason, **extra):
-        self.errors.append((key, reason))
-
-    def sample(self, record):
-        self.samples.append(record)
-
-
 def _worker(rank, world, recipe_path):
     from lvr_cli.recipes import load_recipe
+    from lvr_cli.rundir import RunDir
     from stages.mrsp.runtime import Mode
     from stages.rl import GRPOTrainer
 
     torch.set_num_threads(1)
-    trainer = GRPOTrainer(load_recipe(recipe_path), _Run())
+    recipe = load_recipe(recipe_path)
+    trainer = GRPOTrainer(recipe, RunDir(Path(recipe.output.dir), recipe).open())
     # a tiny random model earns no reward: give each response a reward of its own so the policy
     # term (not only the KL term) has a gradient
     trainer.reward = lambda s, text: {"total": (sum(map(ord, text)) % 7) / 7, "format": 0.0, "accuracy": 0.0}
