@@ -50,7 +50,7 @@ def test_an_unloadable_model_path_is_one_line_and_leaves_no_run_folder(lvr, tmp_
     loader rejects (a config without a model type) is caught where the stage loads it, and the
     run folder it had opened is removed, so the corrected command starts afresh."""
     data = tmp_path / "sft.jsonl"
-    data.write_text(json.dumps({"problem_id": "x", "problem": "Q?", "videos": ["v.mp4"], "answer": "A"}) + "\n")
+    data.write_text(json.dumps({"problem_id": "x", "problem": "Q?\nA. x\nB. y", "videos": ["v.mp4"], "answer": "A"}) + "\n")
     out = tmp_path / "run"
     path = _recipe(tmp_path, f'stage = "sft"\n[data]\ninput = "{data}"\n[train]\nsteps = 1\nglobal_batch = 1\n'
                              f'[deepspeed]\nenabled = false\n[output]\ndir = "{out}"\n')

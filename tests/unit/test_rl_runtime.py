@@ -103,7 +103,7 @@ def test_rl_step_metrics_are_means_over_rollouts_and_sums_of_loss_shares():
                            for t, a in ((1.5, 1), (0.5, 0), (1.5, 1), (1.5, 1))],
                   advantages=torch.tensor([1.0, -1.0, 0.0, 0.0]), group_std=torch.tensor([0.7, 0.0]),
                   stats={"loss": [0.5, 0.25], "kl": [0.1, 0.1], "entropy": [2.0, 4.0]})
-    t = SimpleNamespace(grid=Grid(), algo=SimpleNamespace(ppo_epochs=2, mini_batches=1),
+    t = SimpleNamespace(grid=Grid(), algo=SimpleNamespace(ppo_epochs=2, mini_batches=1), reuse_old=False,
                         engine=SimpleNamespace(lr=0.1, last_grad_norm=1.0), rt=SimpleNamespace(counters=dict))
     m = step_metrics(b, t, 2)
     assert m["reward/total"] == 1.25 and m["reward/accuracy"] == 0.75 and m["response_length"] == 1.75
