@@ -176,7 +176,7 @@ def test_default_glibc_heap_overstates_live_memory():
     kept. The prediction is then a lower bound, far below in the SP modes (two questions per
     rank in turn); the README shows the table."""
     rows = _calibration("cpu-demo.json")
-    assert len(rows) == 15
+    assert len(rows) == 18  # 6 modes x 3 frame counts
     assert all(r["error"] < 0.0 for r in rows)
     assert max(abs(r["error"]) for r in rows if r["mode"] in ("mrsp", "mrsp-shared")) > 0.4
 
