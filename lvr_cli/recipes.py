@@ -15,9 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-# re-exported: callers load recipes and name their schemas through this module
-from lvr_cli.schema import (SCHEMA_VERSION, STAGES, BackendSection, CaptionRecipe, DeepspeedSection,  # noqa: F401
-                            FilterRecipe, GenerateQARecipe, OptimSection, Recipe, RecipeError, SynthSpec)
+from lvr_cli.schema import SCHEMA_VERSION, STAGES, Recipe, RecipeError  # noqa: F401 (SCHEMA_VERSION: lock's)
 
 # Paths that must exist before a stage starts (checked by `check_paths`, not by `lock`).
 INPUT_PATHS = {"data.input", "data.video_dir", "caption.prompt_file", "eval.input"}

@@ -19,7 +19,6 @@ from typing import Callable
 from stages.data.records import RecordError, iter_records
 from stages.evalkit.formats import READERS, UNDETECTED, detect
 from stages.evalkit.formats.base import EvalItem, ReadContext, options_dict  # noqa: F401 (re-exported)
-from stages.evalkit.formats.videomme import DURATIONS  # noqa: F401 (re-exported)
 
 # Reported as by_<field> when the rows carry them, in this order; a layout's other groups
 # (`[eval.fields]` groups) follow, named by each row's `group_by`.

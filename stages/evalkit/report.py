@@ -14,7 +14,8 @@ from pathlib import Path
 
 from stages.data.records import CATEGORIES
 from stages.evalkit.baselines import UNPARSED, letter_baselines
-from stages.evalkit.items import DURATIONS, EvalItem, GROUP_FIELDS
+from stages.evalkit.formats.videomme import DURATIONS
+from stages.evalkit.items import EvalItem, GROUP_FIELDS
 from stages.evalkit.provenance import run_provenance
 from stages.evalkit.scoring import BLIND_FRAMES, row_correct, row_format
 from stages.evalkit.stats import paired, proportion

@@ -4,7 +4,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """A small synthetic dataset (6 videos of 24 s) shared by the stage tests."""
-    from lvr_cli.recipes import SynthSpec
+    from lvr_cli.schema import SynthSpec
     from stages.data.synth import generate
 
     out = tmp_path_factory.mktemp("data")

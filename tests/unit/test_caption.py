@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import stages.caption as caption
-from lvr_cli.recipes import CaptionRecipe, RecipeError, SynthSpec
+from lvr_cli.recipes import RecipeError
+from lvr_cli.schema import CaptionRecipe, SynthSpec
 from lvr_cli.rundir import RunDir
 from stages.backends.base import GenResult
 from stages.data.records import read_jsonl

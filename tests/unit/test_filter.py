@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lvr_cli.recipes import FilterRecipe
+from lvr_cli.schema import FilterRecipe
 from lvr_cli.rundir import RunDir
 from stages import filter as filt
 from stages.algo import rewards

@@ -14,7 +14,7 @@ import pytest
 
 import stages.generate_qa as gq
 import stages.qa_validate as qv
-from lvr_cli.recipes import GenerateQARecipe, SynthSpec
+from lvr_cli.schema import GenerateQARecipe, SynthSpec
 from lvr_cli.rundir import RunDir
 from stages.data.gt_server import PLACE_BOXES, GTServer
 from stages.data.records import read_jsonl

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lvr_cli.recipes import BackendSection
+from lvr_cli.sections import BackendSection
 from stages.backends.base import GenRequest
 from stages.backends.factory import make_backend
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import stages.data.video as video
-from lvr_cli.recipes import CaptionRecipe, GenerateQARecipe
+from lvr_cli.schema import CaptionRecipe, GenerateQARecipe
 from stages.backends.base import GenResult
 from stages.caption import VideoInput, caption_video
 from stages.data.video import VideoDecodeError, frame_at, load_video, pick_frames, probe, read_frames, sample_indices
