@@ -18,7 +18,8 @@ import av
 import numpy as np
 import pytest
 
-from lvr_cli.recipes import FilterRecipe, load_recipe
+from lvr_cli.recipes import load_recipe
+from lvr_cli.schema import FilterRecipe
 from lvr_cli.rundir import RunDir
 from stages import eval as ev
 from stages import filter as filt

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 import stages.caption as caption
 from lvr_cli.main import app
-from lvr_cli.recipes import CaptionRecipe, FilterRecipe, RecipeError, load_recipe
+from lvr_cli.recipes import RecipeError, load_recipe
+from lvr_cli.schema import CaptionRecipe, FilterRecipe
 from lvr_cli.rundir import RunDir
 from stages import filter as filt
 from stages import shards
