@@ -219,6 +219,13 @@ class _Trainer(Recipe):
         return self
 
     @model_validator(mode="after")
+    def _engine(self):
+        if self.train.engine == "fsdp2" and self.deepspeed.enabled and "enabled" in self.deepspeed.model_fields_set:
+            raise ValueError("train.engine: fsdp2 shards the model with torch's FSDP2, not DeepSpeed; "
+                             "set deepspeed.enabled = false or leave it out")
+        return self
+
+    @model_validator(mode="after")
     def _batch(self):
         dp = max(1, self.world_size() // self.mrsp.sp_size)
         if self.train.global_batch % (self.train.micro_batch_per_rank * dp):

@@ -160,6 +160,9 @@ class TrainSection(Section):
     global_batch: PosInt = 8
     # recompute each decoder layer's activations in the backward: memory for long videos, ~1/3 more compute
     gradient_checkpointing: bool = False
+    # "deepspeed": [deepspeed] (ZeRO-2 by default; torch's AdamW when deepspeed.enabled = false);
+    # "fsdp2": the language model's weights, gradients and optimizer state sharded over all ranks
+    engine: Literal["deepspeed", "fsdp2"] = "deepspeed"
 
 
 class DeepspeedSection(Section):
@@ -169,8 +172,8 @@ class DeepspeedSection(Section):
     @model_validator(mode="after")
     def _stage(self):
         if self.enabled and self.zero_stage == 3:  # named so the refusal says why
-            raise ValueError("zero_stage: 3 is not supported yet (the hf rollout engine and checkpoints need "
-                             "gathered parameters); use 2, which shards optimizer state and gradients")
+            raise ValueError("zero_stage: 3 is not supported; to shard the weights too, set train.engine = "
+                             "\"fsdp2\" (torch's FSDP2: weights, gradients and optimizer state sharded, as ZeRO-3)")
         return self
 
 

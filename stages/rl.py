@@ -111,7 +111,8 @@ class GRPOTrainer:
         start = resume(self.engine, run.path, [run.file("metrics.jsonl"), run.file("samples.jsonl")])
         self.s.adapter.model.train()
         if self.held_out and start == 0:  # where the policy starts, as step 0
-            accuracy = held_out_accuracy(self.rt, self.held_out, self.recipe, self.grid, self.skipped)
+            with self.engine.gathered():
+                accuracy = held_out_accuracy(self.rt, self.held_out, self.recipe, self.grid, self.skipped)
             if accuracy:
                 run.metric(0, **accuracy)
         history = []
@@ -120,7 +121,9 @@ class GRPOTrainer:
             for step in range(start, r.train.steps):
                 metrics = self.train_step(step)
                 if self.held_out and ((step + 1) % r.eval.every_steps == 0 or step + 1 == r.train.steps):
-                    metrics.update(held_out_accuracy(self.rt, self.held_out, self.recipe, self.grid, self.skipped))
+                    with self.engine.gathered():
+                        metrics.update(held_out_accuracy(self.rt, self.held_out, self.recipe, self.grid,
+                                                         self.skipped))
                 self.skipped.flush()
                 history.append(metrics)
                 run.metric(step + 1, **metrics)
@@ -149,23 +152,25 @@ class GRPOTrainer:
             for s in b.samples:
                 rt.embed(s)
 
-        # 2. G rollouts per question
-        with Timer(b.timers, "rollout"):
-            groups = rt.generate(b.samples, G, self.sampling(step), first_index=self.grid.dp_rank * self.per_rank)
-        b.responses = [[r.token_ids for r in g] for g in groups]
-        b.texts = [[r.text for r in g] for g in groups]
+        # 2-4 on the policy's full weights when they are sharded (gathered once, no collective inside)
+        with self.engine.gathered():
+            # 2. G rollouts per question
+            with Timer(b.timers, "rollout"):
+                groups = rt.generate(b.samples, G, self.sampling(step), first_index=self.grid.dp_rank * self.per_rank)
+            b.responses = [[r.token_ids for r in g] for g in groups]
+            b.texts = [[r.text for r in g] for g in groups]
 
-        # 3. rewards
-        b.rewards = [self.reward(s, rt.response_text(ids)) for s, g in zip(b.samples, b.responses) for ids in g]
+            # 3. rewards
+            b.rewards = [self.reward(s, rt.response_text(ids)) for s, g in zip(b.samples, b.responses) for ids in g]
 
-        # 4. old-policy and reference log-probs (no gradient, embedding reused), a micro-batch per
-        #    forward; on-policy steps take the old ones from the update forward instead (step 6)
-        with torch.no_grad():
+            # 4. old-policy log-probs (no gradient, embedding reused), a micro-batch per forward;
+            #    on-policy steps take them from the update forward instead (step 6)
             if not self.reuse_old:
-                with Timer(b.timers, "old"):
+                with Timer(b.timers, "old"), torch.no_grad():
                     b.old = self.logprobs(b)
-            with Timer(b.timers, "ref"):
-                b.refs = self.logprobs(b, model=self.s.ref) if self.s.ref is not None else []
+        # 4. reference log-probs, likewise (on the reference's own gathered weights)
+        with Timer(b.timers, "ref"), torch.no_grad(), self.s.ref_gathered():
+            b.refs = self.logprobs(b, model=self.s.ref) if self.s.ref is not None else []
 
         # 5. advantages (KL folded into the reward when asked); loss masks without dropped groups
         reward_t = torch.tensor([p["total"] for p in b.rewards], dtype=torch.float32)
@@ -241,6 +246,8 @@ class GRPOTrainer:
         kl_ref = bool(b.refs) and not algo.kl_in_reward
         for u0 in range(slots.start, slots.stop, self.micro):
             idx = [q for q in range(u0, u0 + self.micro) if q < len(b.samples)]
+            # sharded weights: as many forwards as the rank with the most (failed videos run one-token ones)
+            padding = self.engine.padding_loss(rt.lm_forwards([b.responses[q] for q in idx]))
             # no question left in the slots (failed videos): a zero gradient keeps the ranks in step
             loss = self.engine.empty_loss()
             if idx:
@@ -261,7 +268,7 @@ class GRPOTrainer:
                 st["loss"] = float(loss.detach())
                 for k, v in st.items():
                     b.stats.setdefault(k, []).append(float(v))
-            self.engine.backward(loss, summed=True)
+            self.engine.backward(loss if padding is None else loss + padding, summed=True)
             if self.engine.step():
                 rt.optimizer_stepped()
 

@@ -10,7 +10,7 @@ below `stages/mrsp/` receives typed sections or plain values from here, never th
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +34,13 @@ class Setup:
     rt: Runtime
     ref: VLAdapter | None = None  # the frozen reference (rl with a KL term)
     engine: TrainEngine | None = None  # sft and rl
+    ref_units: list = field(default_factory=list)  # the reference's FSDP units (train.engine = "fsdp2")
+
+    def ref_gathered(self):
+        """A block of reference forwards on its full weights (`fsdp.gathered`; nothing when not sharded)."""
+        from stages.mrsp.fsdp import gathered
+
+        return gathered(self.ref_units)
 
 
 def open_grid(recipe) -> Grid:
@@ -94,7 +101,7 @@ def make_engine(recipe, adapter: VLAdapter, rt: Runtime, total_steps: int, accum
     """The optimizer engine of a training stage (`[optim]`, `[deepspeed]`, `[lora]`, `[train]`),
     scaling the loss by the SP size the runtime actually shards over."""
     m = recipe.model
-    return TrainEngine(adapter.model, rt.grid, recipe.optim, recipe.deepspeed, recipe.lora,
+    return TrainEngine(adapter.model, rt.grid, recipe.optim, recipe.deepspeed, recipe.lora, kind=recipe.train.engine,
                        total_steps=total_steps, accum_steps=accum_steps, sp_size=rt.sp_grid.sp_size,
                        freeze_vision=m.freeze_vision, freeze_llm_layers=m.freeze_llm_layers,
                        gradient_checkpointing=recipe.train.gradient_checkpointing)
@@ -109,4 +116,9 @@ def setup(recipe, grid: Grid | None = None, *, reference: bool = False,
     rt = make_runtime(recipe, adapter, grid)
     ref = load_reference(recipe, grid, adapter) if reference else None
     engine = make_engine(recipe, adapter, rt, *train) if train else None
-    return Setup(grid, adapter, rt, ref, engine)
+    ref_units = []
+    if ref is not None and engine is not None and engine.sharded:  # the frozen reference is sharded too
+        from stages.mrsp.fsdp import shard_model
+
+        ref_units = shard_model(ref.model)
+    return Setup(grid, adapter, rt, ref, engine, ref_units)

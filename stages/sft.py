@@ -79,13 +79,15 @@ def run(recipe, run) -> dict:
                         samples.append(rt.sample(records[i], video_dir))
                     except (VideoDecodeError, KeyError, ValueError) as e:
                         skipped.skip(str(records[i].get("problem_id", i)), f"{type(e).__name__}: {e}")
+                # sharded weights: as many forwards as the rank with the most (one per sample)
+                padding = engine.padding_loss(rt.lm_forwards([[None]] * len(samples)))
                 if samples:
                     total, count = nll(rt, samples, grad_vision=rt.vision_trains)
                     loss = total / max(count, 1)
                     losses.append(float(loss.detach()))
                 else:  # nothing readable: a zero gradient keeps this rank in step with the others
                     loss, count = engine.empty_loss(), 0
-                engine.backward(loss)
+                engine.backward(loss if padding is None else loss + padding)
                 if engine.step():
                     rt.optimizer_stepped()
                 tokens += count
@@ -96,7 +98,8 @@ def run(recipe, run) -> dict:
                                 "time/step": time.perf_counter() - t}, grid)
             metrics.update(rt.counters())
             if held_out and ((step + 1) % recipe.eval.every_steps == 0 or step + 1 == recipe.train.steps):
-                eval_loss = held_out_loss(rt, held_out, recipe, grid, skipped)
+                with engine.gathered():
+                    eval_loss = held_out_loss(rt, held_out, recipe, grid, skipped)
                 if eval_loss is not None:  # absent, never 0.0, when no held-out item could be scored
                     metrics["eval_loss"] = eval_loss
             skipped.flush()

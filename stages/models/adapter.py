@@ -215,6 +215,13 @@ class VLAdapter:
         return video_token_count(grid_thw, self.merge_size)
 
     # -- language model -------------------------------------------------------------------------
+    def lm(self, fn, *args, **kwargs):
+        """Run `fn(*args, **kwargs)`, a piece of work on the language model (`hidden_states`, the
+        LM head): as one forward of the model's root when its weights are sharded
+        (`stages/mrsp/fsdp.py`), directly otherwise."""
+        call = getattr(self.model, "lvr_call", None)
+        return call(fn, *args, **kwargs) if call is not None else fn(*args, **kwargs)
+
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                       videos: list[VideoEmbedding] | None = None, cache=None, use_cache: bool = False,
                       attention_mask: torch.Tensor | None = None):

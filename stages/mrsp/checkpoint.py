@@ -7,7 +7,9 @@ A checkpoint `checkpoints/step_N/` holds:
 - `trainer/state.json`: the step, the number of processes and the optimizer kind;
 - `trainer/optimizer.safetensors` + `optimizer.json` (plain AdamW, written by rank 0), or
   with DeepSpeed one pair per rank, `optimizer.rank<R>.*` (its ZeRO partition of the optimizer
-  state and fp32 master weights, the schedule and DeepSpeed's step counters).
+  state and fp32 master weights, the schedule and DeepSpeed's step counters), or with FSDP2
+  (`train.engine = "fsdp2"`) one pair per rank holding its shard of AdamW's state. A sharded
+  model's weights are gathered to rank 0 for the Hugging Face folder.
 A killed run resumes from the newest one (the data order follows from the step:
 `data_order.step_records`). Loading runs no code from the folder: weights and optimizer
 tensors are safetensors, everything else JSON (`stages/mrsp/state_files.py`); DeepSpeed's
@@ -42,18 +44,23 @@ def save_state(engine: TrainEngine, folder: Path, tokenizer, state: dict) -> Non
     `state`); the folder appears atomically (written under a temporary name first)."""
     grid = engine.grid
     tmp = folder.with_name(folder.name + ".tmp")
+    weights = full_weights(engine.model)  # a collective when the weights are sharded
     if grid.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_pretrained(engine.model, tmp)
+        save_pretrained(engine.model, tmp, weights)
         tokenizer.save_pretrained(tmp)
         (tmp / "trainer").mkdir()
-        meta = {**state, "format": FORMAT, "world_size": grid.world_size,
-                "optimizer": "deepspeed" if engine.ds is not None else "plain"}
+        meta = {**state, "format": FORMAT, "world_size": grid.world_size, "optimizer": engine.kind}
         (tmp / "trainer" / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
     barrier(grid)
     if engine.ds is not None:  # every rank holds its own ZeRO partition
         save_tree(deepspeed_state(engine), tmp / "trainer" / f"optimizer.rank{grid.rank}")
+    elif engine.sharded:  # every rank holds its shard of the optimizer state
+        from stages.mrsp.fsdp import local_optimizer_state
+
+        save_tree({"optimizer": local_optimizer_state(engine.optimizer), "scheduler": engine.scheduler.state_dict()},
+                  tmp / "trainer" / f"optimizer.rank{grid.rank}")
     elif grid.is_main:
         save_tree({"optimizer": engine.optimizer.state_dict(), "scheduler": engine.scheduler.state_dict()},
                   tmp / "trainer" / "optimizer")
@@ -62,6 +69,16 @@ def save_state(engine: TrainEngine, folder: Path, tokenizer, state: dict) -> Non
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     barrier(grid)
+
+
+def full_weights(model) -> dict[str, torch.Tensor] | None:
+    """A sharded model's full weights on rank 0 (every rank must call; `{}` on the others);
+    None when the model is not sharded (`save_pretrained` reads the model itself)."""
+    if getattr(model, "lvr_call", None) is None:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def deepspeed_state(engine: TrainEngine) -> dict:
@@ -95,12 +112,12 @@ def load_state(engine: TrainEngine, folder: Path) -> dict:
 
     state = read_state(folder)
     world = engine.grid.world_size
-    if engine.ds is not None and state.get("optimizer") == "deepspeed" and state.get("world_size") != world:
-        raise CheckpointError(f"{folder}: written by {state.get('world_size')} processes, resumed by {world}: "
-                              "DeepSpeed's optimizer state is partitioned over the processes; use the same launch")
-    if state.get("optimizer") != ("deepspeed" if engine.ds is not None else "plain"):
+    if state.get("optimizer") != engine.kind:
         raise CheckpointError(f"{folder}: its optimizer state is {state.get('optimizer')!r}; this run's is "
-                              f"{'deepspeed' if engine.ds is not None else 'plain'} (deepspeed.enabled changed?)")
+                              f"{engine.kind!r} (train.engine or deepspeed.enabled changed?)")
+    if engine.kind != "plain" and state.get("world_size") != world:
+        raise CheckpointError(f"{folder}: written by {state.get('world_size')} processes, resumed by {world}: "
+                              f"{engine.kind}'s optimizer state is partitioned over the processes; use the same launch")
     try:
         if has_lora(engine.model):  # the base weights are model.path's: only the adapters trained
             load_adapter_weights(engine.model, folder)
@@ -108,6 +125,12 @@ def load_state(engine: TrainEngine, folder: Path) -> dict:
             load_model_weights(engine.model, folder)
         if engine.ds is not None:
             load_deepspeed_state(engine, load_tree(folder / "trainer" / f"optimizer.rank{engine.grid.rank}"))
+        elif engine.sharded:
+            from stages.mrsp.fsdp import load_local_optimizer_state
+
+            saved = load_tree(folder / "trainer" / f"optimizer.rank{engine.grid.rank}")
+            load_local_optimizer_state(engine.optimizer, saved["optimizer"])
+            engine.scheduler.load_state_dict(saved["scheduler"])
         else:
             saved = load_tree(folder / "trainer" / "optimizer")
             engine.optimizer.load_state_dict(saved["optimizer"])
@@ -181,7 +204,15 @@ def load_model_weights(model, folder: Path) -> None:
     unexpected = sorted(k for k in weights if k not in by_saved)
     if unexpected:
         raise CheckpointError(f"{folder}: unexpected weights {unexpected[:3]}")
-    missing, _ = model.load_state_dict({by_saved[k]: v for k, v in weights.items()}, strict=False)
+    named = {by_saved[k]: v for k, v in weights.items()}
+    if getattr(model, "lvr_call", None) is not None:  # sharded (fsdp.py): each rank copies in its rows
+        from stages.mrsp.fsdp import load_full_state
+
+        missing, _ = load_full_state(model, named)
+        if missing:
+            raise CheckpointError(f"{folder}: weights missing {missing[:3]}")
+        return
+    missing, _ = model.load_state_dict(named, strict=False)
     current = model.state_dict()
     restored = {current[by_saved[k]].data_ptr() for k in weights}
     missing = [k for k in missing if current[k].data_ptr() not in restored]  # tied weights come with their source
@@ -266,8 +297,9 @@ def save_checkpoint(engine: TrainEngine, tokenizer, run_path: Path, step: int, *
 def save_final(model, tokenizer, run_path: Path, grid: Grid, processor_source: Path) -> Path:
     """`final/`: the trained model in Hugging Face format with its tokenizer and processor."""
     final = run_path / "final"
+    weights = full_weights(model)  # a collective when the weights are sharded
     if grid.is_main:
-        save_pretrained(model, final)
+        save_pretrained(model, final, weights)
         tokenizer.save_pretrained(final)
         copy_processor_files(processor_source, final)
     return final

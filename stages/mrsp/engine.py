@@ -86,11 +86,14 @@ def skip_shm_comm_build() -> None:
 class TrainEngine:
     """Backward, optimizer step and schedule of one model on one process grid.
 
-    `optim`, `deepspeed_cfg`, `lora`: the recipe's sections; `sp_size`: the SP size the
-    runtime shards the forward over; `accum_steps`: micro-batches per optimizer step."""
+    `optim`, `deepspeed_cfg`, `lora`: the recipe's sections; `kind`: `train.engine`
+    ("deepspeed": DeepSpeed ZeRO as `deepspeed_cfg` says, or torch's AdamW when it is disabled;
+    "fsdp2": the language model's weights sharded, `stages/mrsp/fsdp.py`); `sp_size`: the SP
+    size the runtime shards the forward over; `accum_steps`: micro-batches per optimizer step."""
 
-    def __init__(self, model, grid: Grid, optim, deepspeed_cfg, lora, *, total_steps: int, accum_steps: int,
-                 sp_size: int, freeze_vision: bool, freeze_llm_layers: int, gradient_checkpointing: bool):
+    def __init__(self, model, grid: Grid, optim, deepspeed_cfg, lora, *, kind: str, total_steps: int,
+                 accum_steps: int, sp_size: int, freeze_vision: bool, freeze_llm_layers: int,
+                 gradient_checkpointing: bool):
         self.model, self.grid, self.accum_steps, self.sp_size = model, grid, accum_steps, sp_size
         self.max_grad_norm = optim.max_grad_norm
         if lora.enabled:
@@ -101,6 +104,13 @@ class TrainEngine:
             enable_checkpointing(model)
         # what the layers report, for the stage summary (not the recipe flag)
         self.checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+        self.units: list = []  # FSDP units, root last (fsdp2 only)
+        if kind == "fsdp2":
+            from stages.mrsp.fsdp import shard_model
+
+            ensure_process_group()
+            self.units = shard_model(model)
+            params = [p for p in model.parameters() if p.requires_grad]  # the sharded ones now
         self.optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas),
                                            weight_decay=optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -108,7 +118,7 @@ class TrainEngine:
         self.ds = None
         self.micro = 0
         self.last_grad_norm = 0.0
-        if deepspeed_cfg.enabled:
+        if kind == "deepspeed" and deepspeed_cfg.enabled:
             import deepspeed
 
             skip_shm_comm_build()
@@ -124,6 +134,35 @@ class TrainEngine:
                 dist_init_required=False)
 
     @property
+    def sharded(self) -> bool:
+        return bool(self.units)
+
+    @property
+    def kind(self) -> str:
+        """What holds the optimizer state: "deepspeed", "fsdp2" or "plain" (torch's AdamW, replicated)."""
+        return "deepspeed" if self.ds is not None else "fsdp2" if self.units else "plain"
+
+    def gathered(self):
+        """A block of forwards without gradients on full weights (`fsdp.gathered`); nothing to
+        do when the weights are not sharded."""
+        from stages.mrsp.fsdp import gathered
+
+        return gathered(self.units)
+
+    def padding_loss(self, calls: int) -> torch.Tensor | None:
+        """Sharded weights: after agreeing with every rank on the most language-model forwards
+        any rank runs in this micro-batch, run the `calls` this rank lacks as one-token forwards
+        (`fsdp.padding_calls`), times zero. Call before the micro-batch's forwards; None
+        when the weights are not sharded (nothing to agree on)."""
+        if not self.units:
+            return None
+        from stages.mrsp.dist import all_reduce_sum
+        from stages.mrsp.fsdp import padding_calls
+
+        most = int(all_reduce_sum([calls], self.grid, op="max")[0])
+        return padding_calls(self.model, most - calls)
+
+    @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
@@ -131,6 +170,8 @@ class TrainEngine:
         """Accumulate the gradient of `loss`: this micro-batch's mean (default), or with
         `summed` its share of a loss the micro-batches and data-parallel ranks add up to."""
         scale = self.sp_size * (self.accum_steps * self.grid.dp_size if summed else 1)
+        if self.units and not loss.requires_grad:
+            return  # sharded, and no rank ran a forward in this micro-batch: nothing to reduce
         if self.ds is not None:
             self.ds.backward(loss * scale)  # DeepSpeed divides by the accumulation steps itself
         else:
@@ -139,7 +180,10 @@ class TrainEngine:
     def empty_loss(self) -> torch.Tensor:
         """A zero loss that reaches every trainable parameter: what a micro-batch without inputs
         backwards, so each rank's gradient hooks fire as on any other micro-batch (ZeRO-2
-        reduces gradients in buckets those hooks fill, and fails on a backward that fills none)."""
+        reduces gradients in buckets those hooks fill, and fails on a backward that fills none).
+        Sharded weights: a plain zero; `padding_loss` runs the forwards the other ranks run."""
+        if self.units:
+            return torch.zeros(())
         return sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
 
     def step(self) -> bool:
@@ -155,8 +199,18 @@ class TrainEngine:
         if not boundary:
             return False
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        average_gradients(params, self.grid)
-        self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+        if self.units:  # FSDP reduced (averaged) the sharded gradients in the backward
+            from torch.distributed.tensor import DTensor
+
+            from stages.mrsp.fsdp import grad_norm_and_clip
+
+            replicated = [p for p in params if not isinstance(p, DTensor)]
+            average_gradients(replicated, self.grid)
+            sharded = [p for p in params if isinstance(p, DTensor)]
+            self.last_grad_norm = grad_norm_and_clip(sharded, replicated, self.max_grad_norm, self.grid)
+        else:
+            average_gradients(params, self.grid)
+            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -87,7 +87,13 @@ def token_logprobs(adapter: VLAdapter, batch: TokenBatch, grid: Grid | None = No
                    entropy: bool = False, attend=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Return `(logp [B, L], entropy [B, L] or None)`: at scored positions t, the log-prob of
     `input_ids[:, t]` given the tokens before it (zeros elsewhere). `attend`: the attention
-    over the whole sequence for the local heads (`ulysses.sp_attention`), default causal."""
+    over the whole sequence for the local heads (`ulysses.sp_attention`), default causal.
+    One language-model forward (`VLAdapter.lm`)."""
+    return adapter.lm(_token_logprobs, adapter, batch, grid, chunk_tokens, entropy, attend)
+
+
+def _token_logprobs(adapter: VLAdapter, batch: TokenBatch, grid: Grid | None, chunk_tokens: int,
+                    entropy: bool, attend) -> tuple[torch.Tensor, torch.Tensor | None]:
     grid = grid or Grid()
     sp, group = grid.sp_size, grid.sp_group
     dev = adapter.lm_head.weight.device  # rows are built on the CPU

@@ -49,38 +49,43 @@ def has_lora(model) -> bool:
     return getattr(model, "_lvr_lora_config", None) is not None
 
 
-def merged_state_dict(model) -> dict[str, torch.Tensor]:
-    """The model's weights under the base model's names, each LoRA layer merged into its base
-    weight (the training model is left as it is)."""
+def merged_state_dict(model, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The model's weights (`state`, default its own `state_dict`) under the base model's names,
+    each LoRA layer merged into its base weight: W + B A * alpha / r, as peft merges a linear
+    layer (the training model is left as it is)."""
     from peft.tuners.lora import LoraLayer
 
-    deltas = {name: m.get_delta_weight("default") for name, m in model.named_modules()
-              if isinstance(m, LoraLayer) and "default" in m.lora_A}
+    state = model.state_dict() if state is None else state
+    scaling = {name: m.scaling["default"] for name, m in model.named_modules()
+               if isinstance(m, LoraLayer) and "default" in m.lora_A}
     out = {}
-    for key, value in model.state_dict().items():
+    for key, value in state.items():
         if ".lora_" in key:
             continue
         if ".base_layer." in key:
             module, leaf = key.split(".base_layer.")
             key = f"{module}.{leaf}"
-            if leaf == "weight" and module in deltas:
-                value = value + deltas[module].to(value.dtype)
+            if leaf == "weight" and module in scaling:
+                a, b = state[f"{module}.lora_A.default.weight"], state[f"{module}.lora_B.default.weight"]
+                value = value + ((b.float() @ a.float()) * scaling[module]).to(value.dtype)
         out[key] = value.detach()
     return out
 
 
-def save_pretrained(model, folder: Path) -> None:
-    """`model.save_pretrained(folder)`; with LoRA the merged weights, and the adapter in `lora/`."""
+def save_pretrained(model, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """`model.save_pretrained(folder)`; with LoRA the merged weights, and the adapter in `lora/`.
+    `state`: the weights to write under their `state_dict` names (default: the model's own)."""
     if not has_lora(model):
-        model.save_pretrained(folder, safe_serialization=True)
+        model.save_pretrained(folder, state_dict=state, safe_serialization=True)
         return
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    model.save_pretrained(folder, state_dict=merged_state_dict(model), safe_serialization=True)
+    model.save_pretrained(folder, state_dict=merged_state_dict(model, state), safe_serialization=True)
     (folder / LORA_DIR).mkdir(exist_ok=True)
     # peft's PeftModel wraps the model twice (PeftModel.base_model.model), and its files say so
-    state = {PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model).items()}
+    state = {PEFT_PREFIX + k: v.detach().contiguous().cpu()
+             for k, v in get_peft_model_state_dict(model, state_dict=state).items()}
     save_file(state, folder / LORA_DIR / "adapter_model.safetensors", metadata={"format": "pt"})
     config = model._lvr_lora_config
     config.base_model_name_or_path = getattr(model.config, "_name_or_path", None)
@@ -96,7 +101,14 @@ def load_adapter_weights(model, folder: Path) -> None:
     if not path.exists():
         raise RuntimeError(f"{folder}: no {LORA_DIR}/adapter_model.safetensors to resume the LoRA weights from")
     state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(path).items()}
-    result = set_peft_model_state_dict(model, state)
-    unexpected = getattr(result, "unexpected_keys", None) or []
+    if getattr(model, "lvr_call", None) is not None:  # sharded (fsdp.py): each rank copies in its rows
+        from stages.mrsp.fsdp import load_full_state
+
+        named = {k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
+                 for k, v in state.items()}
+        _, unexpected = load_full_state(model, named)
+    else:
+        result = set_peft_model_state_dict(model, state)
+        unexpected = getattr(result, "unexpected_keys", None) or []
     if unexpected:
         raise RuntimeError(f"{path}: unexpected LoRA weights {unexpected[:3]}")

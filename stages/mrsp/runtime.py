@@ -313,6 +313,12 @@ class Runtime:
             ents.append(en)
         return lps, (ents if entropy else None)
 
+    def lm_forwards(self, responses: list[list[list[int]]]) -> int:
+        """How many language-model forwards `group_logprobs` runs for samples with these responses."""
+        if self.mode.reuse_embeddings and self.mode.shared_prompt and any(len(r) > 1 for r in responses):
+            return 1
+        return len(responses) if self.mode.reuse_embeddings else sum(len(r) for r in responses)
+
     def _unshared_logprobs(self, sample: Sample, rows: list[tuple], lengths: list[int], entropy: bool,
                            grad_vision: bool, model: VLAdapter) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         if self.mode.reuse_embeddings:

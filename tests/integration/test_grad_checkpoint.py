@@ -47,7 +47,8 @@ def _worker(rank, world):
             disable_checkpointing(model)
             plain = run(forward, grid)
             # as the trainer switches it on (train.gradient_checkpointing = true)
-            TrainEngine(model, grid, OptimSection(), DeepspeedSection(enabled=False), LoraSection(), total_steps=1,
+            TrainEngine(model, grid, OptimSection(), DeepspeedSection(enabled=False), LoraSection(), kind="deepspeed",
+                        total_steps=1,
                         accum_steps=1, sp_size=grid.sp_size, freeze_vision=True, freeze_llm_layers=0,
                         gradient_checkpointing=True)
             assert model.model.language_model.gradient_checkpointing

@@ -1,0 +1,163 @@
+"""Parameters sharded across ranks: torch's FSDP2 (`fully_shard`), `train.engine = "fsdp2"`.
+
+What is sharded. Each decoder layer of the language model is one FSDP unit; the rest of the
+model (embeddings, final norm, LM head: weights the runtime reaches outside a decoder layer)
+is the root unit. Weights, gradients and AdamW state of the language model live 1/world on
+each rank, as under ZeRO-3. The vision tower stays whole on every rank: MR-SP encodes a
+different slice of frames on each rank of an SP group and may encode a video on one rank
+alone, which a sharded tower (an all-gather per block, in the same order on every rank)
+cannot do; it is ~9% of Qwen2.5-VL-7B and usually frozen. When it trains, its gradients are
+averaged over the ranks at the optimizer step, as without sharding.
+
+The one rule a sharded model imposes: every rank runs the same sequence of sharded forwards
+(each gathers its unit's weights, in order, from every rank), and the same backwards.
+- Every language-model forward of the runtime runs through `VLAdapter.lm` (`lvr_call` here,
+  registered as an FSDP forward method of the root), so the root's weights are gathered for
+  the whole call (the hidden states and the chunked LM head) and its gradients reduced once.
+- Phases without gradients (rollouts, old-policy and reference log-probs, held-out metrics,
+  checkpoints) run inside `gathered(units)`: every weight is gathered once at the start and
+  freed at the end, and the forwards in between are local, so ranks may run different numbers
+  of them (decode steps until each rank's own rows stop, uneven held-out shares). This is
+  how generation under ZeRO-3 is done (parameters gathered for generation, not a standing
+  full copy); its peak is the full weights of one model for the phase.
+- Training forwards stay per unit; a rank with fewer forwards in a micro-batch (a video that
+  failed to load) runs `padding_calls` of one token, which touch every unit as a real
+  forward does, with zero weight in the loss.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from stages.mrsp.dist import Grid, all_reduce_sum
+
+
+def tied_embeddings(model) -> bool:
+    return model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+def lm_call(fn, *args, **kwargs):
+    """Run `fn`: bound to a sharded model as `lvr_call`, it runs as one FSDP forward of the root."""
+    return fn(*args, **kwargs)
+
+
+def shard_model(model) -> list[FSDPModule]:
+    """Shard `model`'s language model over the default process group (module docstring);
+    return its FSDP units, root last."""
+    lm = model.model.language_model
+    units = []
+    for layer in lm.layers:
+        fully_shard(layer)
+        units.append(layer)
+    # the root too frees its gathered weights after each forward (FSDP keeps a root's by default)
+    fully_shard(model, ignored_params=set(model.model.visual.parameters()), reshard_after_forward=True)
+    model.lvr_call = lm_call
+    register_fsdp_forward_method(model, "lvr_call")
+    units.append(model)
+    with torch.no_grad():  # FSDP sets its units up at the root's first forward: make that one the first
+        model.lvr_call(lambda: None)
+    return units
+
+
+@contextmanager
+def gathered(units: list[FSDPModule]):
+    """Every unit's full weights, gathered once (a collective on every rank) for the block,
+    local forwards inside, freed at the end. For forwards without gradients only."""
+    if not units:
+        yield
+        return
+    for u in units:
+        u.set_reshard_after_forward(False, recurse=False)
+    for u in units:
+        u.unshard()
+    try:
+        yield
+    finally:
+        for u in units:
+            u.reshard()
+            u.set_reshard_after_forward(True, recurse=False)
+
+
+def padding_calls(model, calls: int) -> torch.Tensor:
+    """`calls` forwards of one token through every unit, summed times zero: what a rank with
+    fewer real forwards in a micro-batch runs, so every rank gathers and reduces alike."""
+    device = model.lm_head.weight.device
+    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+    pos = torch.zeros(3, 1, 1, dtype=torch.long, device=device)
+
+    def one():
+        h = model.model(input_ids=ids, position_ids=pos).last_hidden_state
+        return model.lm_head(h).sum()
+
+    total = torch.zeros((), device=device)
+    for _ in range(calls):
+        total = total + model.lvr_call(one) * 0.0
+    return total
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's full weights on every rank (a collective), under its `state_dict` names."""
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def load_full_state(model, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Copy full weights (`state_dict` names) into the model's shards, each rank its own rows
+    (no communication: every rank holds `state`); return (missing, unexpected) names."""
+    current = model.state_dict()
+    for name, value in state.items():
+        if name not in current:
+            continue
+        target = current[name]
+        if isinstance(target, DTensor):
+            shard = distribute_tensor(value.to(target.dtype), target.device_mesh, target.placements,
+                                      src_data_rank=None)
+            target.to_local().copy_(shard.to_local())
+        else:
+            target.copy_(value)
+    return sorted(set(current) - set(state)), sorted(set(state) - set(current))
+
+
+def local_optimizer_state(optimizer) -> dict:
+    """The optimizer's state dict with each sharded tensor replaced by this rank's shard."""
+    sd = optimizer.state_dict()
+    sd["state"] = {i: {k: local(v) for k, v in s.items()} for i, s in sd["state"].items()}
+    return sd
+
+
+def load_local_optimizer_state(optimizer, saved: dict) -> None:
+    """Put a `local_optimizer_state` back: shards become DTensors laid out like their parameters."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {}
+    for i, s in saved["state"].items():
+        p = params[int(i)]
+        state[int(i)] = {k: (DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, run_check=False,
+                                                shape=p.shape, stride=p.stride())
+                             if isinstance(p, DTensor) and v.dim() > 0 else v) for k, v in s.items()}
+    optimizer.load_state_dict({**saved, "state": state})
+
+
+def grad_norm_and_clip(sharded: list[torch.nn.Parameter], replicated: list[torch.nn.Parameter],
+                       max_norm: float, grid: Grid) -> float:
+    """The global gradient norm over sharded (summed over the ranks, a collective) and
+    replicated (already averaged, equal on every rank) parameters; clip to `max_norm`."""
+    def squares(params, shards: bool) -> float:
+        return sum(float((local(p.grad) if shards else p.grad).double().pow(2).sum()) for p in params
+                   if p.grad is not None)
+
+    sq = all_reduce_sum([squares(sharded, True)], grid)[0] + squares(replicated, False)
+    norm = sq ** 0.5
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1.0:
+        for p in sharded + replicated:
+            if p.grad is not None:
+                p.grad.mul_(coef)
+    return norm
