@@ -75,7 +75,7 @@ class Scenario:
     cpu: bool
     sp: int
     world: int
-    zero_stage: int | None  # None: torch AdamW without DeepSpeed
+    zero_stage: int | str | None  # None: torch AdamW without DeepSpeed; "fsdp2": train.engine = "fsdp2"
     trainable: int
     reference: bool  # a frozen reference model beside the policy
     checkpointing: bool
@@ -142,10 +142,14 @@ def breakdown(d: Dims, s: Scenario, frames: int) -> Breakdown:
     emb = pm.embedding_bytes(d, b, video)
     out = Breakdown()
     state = pm.training_state(d.params_total, s.trainable, b, zero_stage=s.zero_stage, world=s.world,
-                              largest_layer=d.largest_layer_params, cpu=s.cpu)
+                              largest_layer=d.largest_layer_params, cpu=s.cpu, vision=d.params_vision)
     out.resident["weights"] = state.pop("weights")
-    if s.reference:
-        out.resident["reference model (frozen)"] = d.params_total * b
+    sharded = s.zero_stage == "fsdp2"
+    if s.reference:  # sharded like the policy under fsdp2 (in the model dtype: never trained)
+        out.resident["reference model (frozen)"] = (d.params_vision + d.params_language / s.world if sharded
+                                                     else d.params_total) * b
+    # fsdp2: phases without gradients run on gathered weights (the policy's, or the reference's)
+    gathered = {"gathered language model (fsdp2)": d.params_language * b} if sharded else {}
     grads = state.pop("gradients")
     if s.bench:  # torch AdamW made for the mode: its state appears at the first step's end
         out.resident["initial weights (restored per mode)"] = d.params_total * b
@@ -176,7 +180,7 @@ def breakdown(d: Dims, s: Scenario, frames: int) -> Breakdown:
             rollout["video embedding"] = emb
             if alone > sum(rollout.values()):
                 rollout = {"vision tower (no grad)": alone}
-        out.phases["rollout"] = rollout
+        out.phases["rollout"] = {**rollout, **gathered}
     # training forwards: tokens on this rank in one forward, and how many sequences it holds
     rows = s.micro * G
     tokens = pm.per_rank(s.micro * (P + G * T), sp) if s.shared else rows * pm.per_rank(P + T, sp)
@@ -197,7 +201,7 @@ def breakdown(d: Dims, s: Scenario, frames: int) -> Breakdown:
                    + pm.logits_bytes(d, b, pm.per_rank(T, sp), s.chunk, False)}
             if encode > sum(fwd.values()):
                 fwd = {"vision tower (no grad)": encode}
-        out.phases["old/ref forward"] = fwd
+        out.phases["old/ref forward"] = {**fwd, **gathered}
     layers_held = 1 if s.checkpointing else d.layers
     backward = pm.backward_per_token(d, b) + pm.recompute_per_token(d, b, ulysses, s.checkpointing)
     update = {"activations": pm.saved_per_token(d, b, ulysses, s.checkpointing) * tokens,
@@ -275,7 +279,7 @@ def scenarios(d: Dims, recipe, gpu: Gpu) -> list[tuple[Scenario, int]]:
         return [(bench_scenario(base, m), frames) for m in bench.modes]
     dp = max(1, world // sp)
     per_rank_q = recipe.train.global_batch // dp
-    zero = recipe.deepspeed.zero_stage if recipe.deepspeed.enabled else None
+    zero = "fsdp2" if recipe.train.engine == "fsdp2" else recipe.deepspeed.zero_stage if recipe.deepspeed.enabled else None
     rl = recipe.stage == "rl"
     mrsp = Scenario(
         f"MR-SP (SP {sp}" + (", shared prompt)" if rl and recipe.mrsp.shared_prompt else ")"), b, not gpu.cuda, sp,

@@ -118,17 +118,32 @@ class Dims:
 
 
 # -- parameters, gradients, optimizer ---------------------------------------------------------
-def training_state(params: int, trainable: int, b: int, *, zero_stage: int | None, world: int,
-                   largest_layer: int = 0, cpu: bool = False) -> dict[str, float]:
+def fsdp2_state(params: int, trainable: int, b: int, *, world: int, vision: int, largest_layer: int
+                ) -> dict[str, float]:
+    """Bytes per rank under `train.engine = "fsdp2"` (`stages/mrsp/fsdp.py`): the language
+    model's weights 1/world each, in fp32 when the model computes in 16 bits (FSDP2's mixed
+    precision gathers them in the model dtype); the vision tower whole; gradients and AdamW's
+    moments of the trainable weights 1/world (counted as sharded: a trainable tower's are
+    whole, ~9% of the 7B model); a unit gathered for its forward and the next one prefetched."""
+    shard = 4 if b < 4 else b
+    return {"weights": vision * b + (params - vision) * shard / world, "gradients": trainable * shard / world,
+            "optimizer": trainable * 2 * shard / world, "fsdp2 gathered units": 2 * largest_layer * b}
+
+
+def training_state(params: int, trainable: int, b: int, *, zero_stage: int | str | None, world: int,
+                   largest_layer: int = 0, cpu: bool = False, vision: int = 0) -> dict[str, float]:
     """Bytes per rank of weights, gradients and optimizer state.
 
     `zero_stage` None: no DeepSpeed (torch AdamW, state in the weights' dtype, all replicated);
+    "fsdp2": `fsdp2_state` (`vision`: the vision tower's parameters, kept whole);
     0..3: DeepSpeed ZeRO at that stage, partitioned over `world` ranks (mixed precision when
     b < 4: fp32 master weights + Adam moments, 12 bytes per trainable parameter). The reduce
     bucket is fp32 at ZeRO-1 (DeepSpeed stages its fp32 accumulator there), the gradients'
     dtype above; on CPU only the part the gradients fill is ever touched, so resident."""
     if zero_stage is None:
         return {"weights": params * b, "gradients": trainable * b, "optimizer": trainable * 2 * b}
+    if zero_stage == "fsdp2":
+        return fsdp2_state(params, trainable, b, world=world, vision=vision, largest_layer=largest_layer)
     optimizer = trainable * (ADAM_MASTER_BYTES if b < 4 else 8)
     out = {"weights": params * b / (world if zero_stage >= 3 else 1),
            "gradients": trainable * b / (world if zero_stage >= 2 else 1),

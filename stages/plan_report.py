@@ -29,12 +29,13 @@ def per_token(n: float) -> str:
 
 def zero_table(d: Dims, s: Scenario, world: int) -> list[str]:
     """Weights, gradients and optimizer state per rank at each ZeRO stage."""
-    lines = [f"  {'ZeRO stage':<26}{'weights':>10}{'gradients':>11}{'optimizer':>11}{'DS buffers':>12}"
+    lines = [f"  {'ZeRO stage':<26}{'weights':>10}{'gradients':>11}{'optimizer':>11}{'buffers':>12}"
              f"{'total GiB':>11}"]
-    for stage in (None, 0, 1, 2, 3):
+    for stage in (None, 0, 1, 2, 3, "fsdp2"):
         st = pm.training_state(d.params_total, s.trainable, s.b, zero_stage=stage, world=world,
-                               largest_layer=d.largest_layer_params, cpu=s.cpu)
-        name = "off (torch AdamW)" if stage is None else f"{stage} over {world} ranks"
+                               largest_layer=d.largest_layer_params, cpu=s.cpu, vision=d.params_vision)
+        name = ("off (torch AdamW)" if stage is None else f"FSDP2 over {world} ranks" if stage == "fsdp2"
+                else f"{stage} over {world} ranks")
         mark = "  <- recipe" if stage == s.zero_stage else ""
         buffers = sum(st.values()) - st["weights"] - st["gradients"] - st["optimizer"]
         lines.append(f"  {name:<26}{gib(st['weights']):>10}{gib(st['gradients']):>11}{gib(st['optimizer']):>11}"

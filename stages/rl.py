@@ -246,10 +246,9 @@ class GRPOTrainer:
         kl_ref = bool(b.refs) and not algo.kl_in_reward
         for u0 in range(slots.start, slots.stop, self.micro):
             idx = [q for q in range(u0, u0 + self.micro) if q < len(b.samples)]
-            # sharded weights: as many forwards as the rank with the most (failed videos run one-token ones)
+            # fewer forwards than other ranks (failed videos): one-token ones keep the collectives in step
             padding = self.engine.padding_loss(rt.lm_forwards([b.responses[q] for q in idx]))
-            # no question left in the slots (failed videos): a zero gradient keeps the ranks in step
-            loss = self.engine.empty_loss()
+            loss = torch.zeros(())  # no question left in the slots
             if idx:
                 lps, ents = rt.group_logprobs([b.samples[q] for q in idx], [b.responses[q] for q in idx],
                                               entropy=True, grad_vision=rt.vision_trains)
@@ -393,7 +392,7 @@ def summary(history: list[dict], start: int, final: Path, engine, steps: int, fa
             "accuracy_first_half": mean(acc[:half]), "accuracy_second_half": mean(acc[half:]),
             "eval_accuracy_last": next((h["eval_accuracy"] for h in reversed(history) if "eval_accuracy" in h), None),
             "gradient_checkpointing": engine.checkpointing, "trainable_params": engine.trainable_params,
-            "failed": failed}
+            "engine": engine.kind, **engine.state_mib(), "failed": failed}
 
 
 def run(recipe, run) -> dict:

@@ -120,5 +120,5 @@ def setup(recipe, grid: Grid | None = None, *, reference: bool = False,
     if ref is not None and engine is not None and engine.sharded:  # the frozen reference is sharded too
         from stages.mrsp.fsdp import shard_model
 
-        ref_units = shard_model(ref.model)
+        ref_units = shard_model(ref.model, trains=False)
     return Setup(grid, adapter, rt, ref, engine, ref_units)

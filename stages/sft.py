@@ -79,14 +79,14 @@ def run(recipe, run) -> dict:
                         samples.append(rt.sample(records[i], video_dir))
                     except (VideoDecodeError, KeyError, ValueError) as e:
                         skipped.skip(str(records[i].get("problem_id", i)), f"{type(e).__name__}: {e}")
-                # sharded weights: as many forwards as the rank with the most (one per sample)
+                # fewer forwards than other ranks (failed videos): one-token ones keep the collectives in step
                 padding = engine.padding_loss(rt.lm_forwards([[None]] * len(samples)))
                 if samples:
                     total, count = nll(rt, samples, grad_vision=rt.vision_trains)
                     loss = total / max(count, 1)
                     losses.append(float(loss.detach()))
-                else:  # nothing readable: a zero gradient keeps this rank in step with the others
-                    loss, count = engine.empty_loss(), 0
+                else:  # nothing readable: the padding forwards stand in
+                    loss, count = torch.zeros(()), 0
                 engine.backward(loss if padding is None else loss + padding)
                 if engine.step():
                     rt.optimizer_stepped()
@@ -121,6 +121,7 @@ def run(recipe, run) -> dict:
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
             "eval_loss_last": next((h["eval_loss"] for h in reversed(history) if "eval_loss" in h), None),
             "gradient_checkpointing": engine.checkpointing, "trainable_params": engine.trainable_params,
+            "engine": engine.kind, **engine.state_mib(),
             "failed": skipped.count}
 
 

@@ -57,10 +57,10 @@ def save_state(engine: TrainEngine, folder: Path, tokenizer, state: dict) -> Non
     if engine.ds is not None:  # every rank holds its own ZeRO partition
         save_tree(deepspeed_state(engine), tmp / "trainer" / f"optimizer.rank{grid.rank}")
     elif engine.sharded:  # every rank holds its shard of the optimizer state
-        from stages.mrsp.fsdp import local_optimizer_state
+        from stages.mrsp.fsdp import local_optimizer_state, master_shards
 
-        save_tree({"optimizer": local_optimizer_state(engine.optimizer), "scheduler": engine.scheduler.state_dict()},
-                  tmp / "trainer" / f"optimizer.rank{grid.rank}")
+        save_tree({"optimizer": local_optimizer_state(engine.optimizer), "scheduler": engine.scheduler.state_dict(),
+                   "master": master_shards(engine.model)}, tmp / "trainer" / f"optimizer.rank{grid.rank}")
     elif grid.is_main:
         save_tree({"optimizer": engine.optimizer.state_dict(), "scheduler": engine.scheduler.state_dict()},
                   tmp / "trainer" / "optimizer")
@@ -76,9 +76,9 @@ def full_weights(model) -> dict[str, torch.Tensor] | None:
     None when the model is not sharded (`save_pretrained` reads the model itself)."""
     if getattr(model, "lvr_call", None) is None:
         return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from stages.mrsp.fsdp import full_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return full_state_dict(model)
 
 
 def deepspeed_state(engine: TrainEngine) -> dict:
@@ -126,9 +126,10 @@ def load_state(engine: TrainEngine, folder: Path) -> dict:
         if engine.ds is not None:
             load_deepspeed_state(engine, load_tree(folder / "trainer" / f"optimizer.rank{engine.grid.rank}"))
         elif engine.sharded:
-            from stages.mrsp.fsdp import load_local_optimizer_state
+            from stages.mrsp.fsdp import load_local_optimizer_state, load_master_shards
 
             saved = load_tree(folder / "trainer" / f"optimizer.rank{engine.grid.rank}")
+            load_master_shards(engine.model, saved["master"])
             load_local_optimizer_state(engine.optimizer, saved["optimizer"])
             engine.scheduler.load_state_dict(saved["scheduler"])
         else:

@@ -109,7 +109,7 @@ class TrainEngine:
             from stages.mrsp.fsdp import shard_model
 
             ensure_process_group()
-            self.units = shard_model(model)
+            self.units = shard_model(model, trains=True)
             params = [p for p in model.parameters() if p.requires_grad]  # the sharded ones now
         self.optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas),
                                            weight_decay=optim.weight_decay)
@@ -150,17 +150,53 @@ class TrainEngine:
         return gathered(self.units)
 
     def padding_loss(self, calls: int) -> torch.Tensor | None:
-        """Sharded weights: after agreeing with every rank on the most language-model forwards
-        any rank runs in this micro-batch, run the `calls` this rank lacks as one-token forwards
-        (`fsdp.padding_calls`), times zero. Call before the micro-batch's forwards; None
-        when the weights are not sharded (nothing to agree on)."""
-        if not self.units:
-            return None
-        from stages.mrsp.dist import all_reduce_sum
+        """A zero-valued loss term that keeps this rank's collectives in step with the other
+        ranks' in a micro-batch where it runs `calls` language-model forwards (fewer than they
+        do when its videos failed to load). Call before the micro-batch's own forwards.
+        - Sharded weights (fsdp2): every rank agrees on the most forwards any rank runs, and
+          this one runs the ones it lacks as one-token forwards (`fsdp.padding_calls`): every
+          unit gathered and reduced alike.
+        - DeepSpeed ZeRO: a rank without any forward runs one, so its backward fires the
+          gradient hooks in the order a real backward does (ZeRO-2 reduces each parameter's
+          slice to its owner in hook order: a backward over the parameters in another order
+          paired one rank's gradients with another parameter's on the other ranks). A vision
+          tower that trains gets a zero term too, before the forward, so its hooks fire last.
+        - Otherwise None: the plain engine averages whatever gradients exist at the step."""
         from stages.mrsp.fsdp import padding_calls
 
-        most = int(all_reduce_sum([calls], self.grid, op="max")[0])
-        return padding_calls(self.model, most - calls)
+        if self.units:
+            from stages.mrsp.dist import all_reduce_sum
+
+            most = int(all_reduce_sum([calls], self.grid, op="max")[0])
+            return padding_calls(self.model, most - calls)
+        if self.ds is None or calls:
+            return None
+        vision = [p for p in self.model.model.visual.parameters() if p.requires_grad]
+        tower = sum(p.sum() for p in vision) * 0.0 if vision else 0.0
+        return tower + padding_calls(self.model, 1)
+
+    def state_mib(self) -> dict[str, float]:
+        """MiB this rank holds for the weights and for the optimizer state (AdamW's moments and,
+        under DeepSpeed, its fp32 partition), each storage counted once: what sharding divides.
+        Gradients are left out: every engine frees them after each optimizer step."""
+        from stages.mrsp.fsdp import local
+
+        seen: set[int] = set()
+
+        def mib(tensors) -> float:
+            total = 0
+            for t in tensors:
+                storage = local(t).untyped_storage()
+                if storage.nbytes() and storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
+            return round(total / 2**20, 3)
+
+        weights = mib(self.model.parameters())
+        inner = self.ds.optimizer.optimizer if self.ds is not None else self.optimizer
+        moments = [v for st in inner.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+        master = getattr(self.ds.optimizer, "single_partition_of_fp32_groups", []) if self.ds is not None else []
+        return {"weights_mib_per_rank": weights, "optimizer_mib_per_rank": mib([*moments, *master])}
 
     @property
     def lr(self) -> float:
@@ -170,21 +206,12 @@ class TrainEngine:
         """Accumulate the gradient of `loss`: this micro-batch's mean (default), or with
         `summed` its share of a loss the micro-batches and data-parallel ranks add up to."""
         scale = self.sp_size * (self.accum_steps * self.grid.dp_size if summed else 1)
-        if self.units and not loss.requires_grad:
-            return  # sharded, and no rank ran a forward in this micro-batch: nothing to reduce
+        if not loss.requires_grad:
+            return  # no forward on this rank (and, sharded or under DeepSpeed, on none): nothing to reduce
         if self.ds is not None:
             self.ds.backward(loss * scale)  # DeepSpeed divides by the accumulation steps itself
         else:
             (loss * scale / self.accum_steps).backward()
-
-    def empty_loss(self) -> torch.Tensor:
-        """A zero loss that reaches every trainable parameter: what a micro-batch without inputs
-        backwards, so each rank's gradient hooks fire as on any other micro-batch (ZeRO-2
-        reduces gradients in buckets those hooks fill, and fails on a backward that fills none).
-        Sharded weights: a plain zero; `padding_loss` runs the forwards the other ranks run."""
-        if self.units:
-            return torch.zeros(())
-        return sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
 
     def step(self) -> bool:
         """End one micro-batch; at the accumulation boundary, step the optimizer (return True)."""

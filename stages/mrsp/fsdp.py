@@ -30,7 +30,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from stages.mrsp.dist import Grid, all_reduce_sum
@@ -45,21 +45,32 @@ def lm_call(fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-def shard_model(model) -> list[FSDPModule]:
+def shard_model(model, trains: bool) -> list[FSDPModule]:
     """Shard `model`'s language model over the default process group (module docstring);
-    return its FSDP units, root last."""
+    return its FSDP units, root last. A model that `trains` in 16 bits keeps its shards in fp32
+    (the master weights AdamW updates) and gathers them in its own dtype for the forwards,
+    gradients reduced in fp32 (FSDP2's mixed precision, as DeepSpeed's bf16 mode does)."""
     lm = model.model.language_model
+    dtype = lm.embed_tokens.weight.dtype
+    model._lvr_dtype = dtype
+    policy = MixedPrecisionPolicy()
+    if trains and dtype != torch.float32:
+        lm.float()
+        model.lm_head.float()
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     units = []
     for layer in lm.layers:
-        fully_shard(layer)
+        fully_shard(layer, mp_policy=policy)
         units.append(layer)
     # the root too frees its gathered weights after each forward (FSDP keeps a root's by default)
-    fully_shard(model, ignored_params=set(model.model.visual.parameters()), reshard_after_forward=True)
+    fully_shard(model, ignored_params=set(model.model.visual.parameters()), reshard_after_forward=True,
+                mp_policy=policy)
     model.lvr_call = lm_call
     register_fsdp_forward_method(model, "lvr_call")
     units.append(model)
     with torch.no_grad():  # FSDP sets its units up at the root's first forward: make that one the first
         model.lvr_call(lambda: None)
+    model.reset_iter_state()  # a forward without a backward (see `gathered`)
     return units
 
 
@@ -80,11 +91,14 @@ def gathered(units: list[FSDPModule]):
         for u in units:
             u.reshard()
             u.set_reshard_after_forward(True, recurse=False)
+        # FSDP records every forward's unit order to prefetch the backward's all-gathers from it;
+        # these forwards have no backward and differ between ranks: forget them
+        units[-1].reset_iter_state()
 
 
 def padding_calls(model, calls: int) -> torch.Tensor:
-    """`calls` forwards of one token through every unit, summed times zero: what a rank with
-    fewer real forwards in a micro-batch runs, so every rank gathers and reduces alike."""
+    """`calls` forwards of one token through every unit (every layer), summed times zero: what
+    a rank with fewer real forwards in a micro-batch runs (`TrainEngine.padding_loss`)."""
     device = model.lm_head.weight.device
     ids = torch.zeros(1, 1, dtype=torch.long, device=device)
     pos = torch.zeros(3, 1, 1, dtype=torch.long, device=device)
@@ -93,9 +107,10 @@ def padding_calls(model, calls: int) -> torch.Tensor:
         h = model.model(input_ids=ids, position_ids=pos).last_hidden_state
         return model.lm_head(h).sum()
 
+    call = getattr(model, "lvr_call", lm_call)  # one root forward when sharded
     total = torch.zeros((), device=device)
     for _ in range(calls):
-        total = total + model.lvr_call(one) * 0.0
+        total = total + call(one) * 0.0
     return total
 
 
@@ -104,8 +119,26 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 
 def full_state_dict(model) -> dict[str, torch.Tensor]:
-    """The model's full weights on every rank (a collective), under its `state_dict` names."""
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach() for k, v in model.state_dict().items()}
+    """The model's full weights on rank 0, in the model's dtype (every rank must call: a
+    collective; `{}` on the others), under its `state_dict` names."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.to(model._lvr_dtype) if v.is_floating_point() else v for k, v in full.items()}
+
+
+def master_shards(model) -> dict[str, torch.Tensor]:
+    """This rank's fp32 shards of a model that computes in 16 bits (the Hugging Face folder
+    holds 16-bit weights: a resume needs these to continue exactly); `{}` otherwise."""
+    return {n: p.to_local() for n, p in model.named_parameters()
+            if isinstance(p, DTensor) and p.dtype != model._lvr_dtype}
+
+
+@torch.no_grad()
+def load_master_shards(model, shards: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for name, value in shards.items():
+        params[name].to_local().copy_(value)
 
 
 @torch.no_grad()

@@ -44,6 +44,12 @@ def test_training_state_by_zero_stage():
     assert pm.training_state(P, Pt, 4, zero_stage=2, world=N)["optimizer"] == Pt * 8 / N
     assert pm.training_state(P, Pt, 2, zero_stage=None, world=N) == {"weights": 2e9, "gradients": 1.6e9,
                                                                        "optimizer": 3.2e9}
+    # FSDP2 in bf16: fp32 shards of the language model (1/N each), the vision tower whole in bf16,
+    # fp32 gradients and Adam m + v of the trained weights 1/N, a unit in use + one prefetched
+    f = pm.training_state(P, Pt, 2, zero_stage="fsdp2", world=N, largest_layer=100_000_000, vision=200_000_000)
+    assert f == {"weights": 200_000_000 * 2 + 800_000_000 * 4 / N, "gradients": Pt * 4 / N,
+                 "optimizer": Pt * 8 / N, "fsdp2 gathered units": 2 * 100_000_000 * 2}
+    assert pm.training_state(P, Pt, 4, zero_stage="fsdp2", world=N, vision=0)["weights"] == P * 4 / N
 
 
 def test_activation_bytes_by_hand():
