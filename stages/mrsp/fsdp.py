@@ -2,7 +2,7 @@
 
 What is sharded. Each decoder layer of the language model is one FSDP unit; the rest of the
 model (embeddings, final norm, LM head: weights the runtime reaches outside a decoder layer)
-is the root unit. Weights, gradients and AdamW state of the language model live 1/world on
+is the root unit (tied input and output embeddings stay one weight there). Weights, gradients and AdamW state of the language model live 1/world on
 each rank, as under ZeRO-3. The vision tower stays whole on every rank: MR-SP encodes a
 different slice of frames on each rank of an SP group and may encode a video on one rank
 alone, which a sharded tower (an all-gather per block, in the same order on every rank)
@@ -14,8 +14,8 @@ The one rule a sharded model imposes: every rank runs the same sequence of shard
 - Every language-model forward of the runtime runs through `VLAdapter.lm` (`lvr_call` here,
   registered as an FSDP forward method of the root), so the root's weights are gathered for
   the whole call (the hidden states and the chunked LM head) and its gradients reduced once.
-- Phases without gradients (rollouts, old-policy and reference log-probs, held-out metrics,
-  checkpoints) run inside `gathered(units)`: every weight is gathered once at the start and
+- Phases without gradients (rollouts, old-policy and reference log-probs, held-out metrics)
+  run inside `gathered(units)`: every weight is gathered once at the start and
   freed at the end, and the forwards in between are local, so ranks may run different numbers
   of them (decode steps until each rank's own rows stop, uneven held-out shares). This is
   how generation under ZeRO-3 is done (parameters gathered for generation, not a standing
@@ -34,10 +34,6 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from stages.mrsp.dist import Grid, all_reduce_sum
-
-
-def tied_embeddings(model) -> bool:
-    return model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
 
 def lm_call(fn, *args, **kwargs):
