@@ -42,13 +42,13 @@ def test_sft_curves_label_the_loss_unit():
 
 
 def test_bench_plot_ticks_are_the_frame_counts_and_ooms_are_marked(tmp_path, monkeypatch):
-    from stages import bench_mrsp
+    from stages import bench_report
 
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)
     res = [{"mode": m, "frames": f, "oom": (m, f) in {("vanilla", 256), ("vanilla", 512), ("peer", 512)},
             "seconds_per_step": f / 64} for m in ("vanilla", "peer", "mrsp") for f in (64, 128, 256, 512)]
-    bench_mrsp.plot(res, ["vanilla", "peer", "mrsp"], tmp_path / "b.png", "CPU")
+    bench_report.plot(res, ["vanilla", "peer", "mrsp"], tmp_path / "b.png", "CPU")
     (fig,) = figures
     ax = fig.axes[0]
     assert list(ax.get_xticks()) == [64, 128, 256, 512] and [t.get_text() for t in ax.get_xticklabels()] == \
