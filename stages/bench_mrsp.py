@@ -1,8 +1,9 @@
 """`lvr bench-mrsp`: seconds per GRPO step and peak memory, MR-SP against the vanilla way.
 
-For each frame count and each mode, K real RL steps run on the same model and videos:
-G rollouts per question, old-policy, reference and update forwards (with backward and an
-AdamW step). Modes (see `stages/mrsp/runtime.py`):
+For each frame count, each response length (`bench.response_tokens`, one or a list) and
+each mode, K real RL steps run on the same model and videos: G rollouts per question,
+old-policy, reference and update forwards (with backward and an AdamW step). Modes (see
+`stages/mrsp/runtime.py`):
 
 - `vanilla`: the paper's baseline: every rollout encodes the video and prefills alone,
   every sequence of every training forward re-encodes it, no sequence parallelism;
@@ -32,23 +33,31 @@ from the same weights; both must agree across modes within 1e-4 (else the run fa
 log-prob is the sensitive one: at the first step the ratio is 1 and the policy term of the
 loss is minus the mean advantage, near 0 whatever the forward computed.
 
-Peak memory: CUDA's allocator peak on GPU; on CPU the resident-set high-water mark above
-the step's start, sampled every 5 ms. With `bench.memory_cap_gb` a mode whose peak passes
-the cap is reported as OOM at the end of the phase that passed it and the sweep goes on.
+Peak memory: CUDA's allocator peak on GPU (weights included); on CPU the resident-set
+high-water mark above the step's start (the step's decoded videos included, the weights
+not), sampled every 5 ms. With `bench.memory_cap_gb` a step stops once the peak of any rank
+passes the cap (checked on every rank after each question of each phase, the ranks agreeing
+on the largest peak, so all stop together), the cell is reported as OOM and the sweep goes
+on; then, per mode, `stages/bench_search.py` looks for the largest frame count under the
+cap with one step per probe. On CPU a capped run fixes glibc's mmap threshold first (as
+`bench-components` does), so the resident set follows live memory; allocation is slower.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import statistics
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 
 from stages.algo.grpo import group_advantages, grpo_loss, pad_rows
 from stages.bench_report import PHASES, report, with_mfu
+from stages.bench_search import largest_fitting
 from stages.flops import ModelShape, bench_step_flops, gemm_peak
 from stages.models.adapter import VLAdapter
 from stages.models.patchify import patchify
@@ -64,7 +73,27 @@ MODES = {"vanilla": ("vanilla", False, False), "peer": ("peer", True, False), "m
 
 
 class MemoryCapExceeded(RuntimeError):
-    pass
+    def __init__(self, peak_gb: float, cap_gb: float):
+        super().__init__(f"peak {peak_gb:.2f} GiB on a rank > cap {cap_gb:g} GiB")
+        self.peak_gb = peak_gb
+
+
+class MemoryCap:
+    """Stops a step once the peak memory of any rank passes `gb` (None: never).
+
+    Every rank checks at the same points of a step (after each question of each phase) and
+    takes the largest peak over the ranks, so all ranks stop together and none is left waiting
+    in a collective of the step."""
+
+    def __init__(self, memory: PeakMemory, gb: float | None, grid: Grid):
+        self.memory, self.gb, self.grid = memory, gb, grid
+
+    def check(self) -> None:
+        if self.gb is None:
+            return
+        peak = all_reduce_sum([self.memory.gb()], self.grid, op="max")[0]
+        if peak > self.gb:
+            raise MemoryCapExceeded(peak, self.gb)
 
 
 class Phase:
@@ -98,6 +127,16 @@ def trim_heap(device: torch.device) -> None:
     lib = libc() if device.type == "cpu" else None
     if lib is not None:
         lib.malloc_trim(0)
+
+
+def exact_rss_mode() -> None:
+    """Make the resident set follow live memory (glibc, CPU): allocations of 128 KiB and more
+    get their own mapping, returned to the system when freed (a fixed `M_MMAP_THRESHOLD`,
+    instead of the dynamic one that keeps freed tensors in the heap). Slows allocation.
+    Without glibc, RSS growth under-counts reuse."""
+    lib = libc()
+    if lib is not None:
+        lib.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
 
 
 class PeakMemory:
@@ -148,7 +187,7 @@ def synthetic_sample(rt: Runtime, frames: int, size: int, index: int) -> Sample:
     return rt.sample_of(record, video, record["problem_id"])
 
 
-def step_loss(rt: Runtime, ref: VLAdapter, samples, responses, rewards, G, algo, timers, memory, cap,
+def step_loss(rt: Runtime, ref: VLAdapter, samples, responses, rewards, G, algo, timers, cap: MemoryCap,
               optimizer=None, reuse_old: bool = False) -> list[tuple[float, float]]:
     """Old + reference + update forwards of one step (no old forward with `reuse_old`: the
     update forward's log-probs, detached, are the old ones); return per question its update
@@ -160,7 +199,7 @@ def step_loss(rt: Runtime, ref: VLAdapter, samples, responses, rewards, G, algo,
             with Phase(timers, phase, rt):
                 for s, resp in zip(samples, responses):
                     out.append(rt.logprobs(s, resp, model=model)[0])
-            check_cap(memory, cap)
+                    cap.check()
     adv = group_advantages(rewards, G, scale_by_std=algo.scale_by_std)
     out = []
     with Phase(timers, "update", rt):
@@ -174,63 +213,93 @@ def step_loss(rt: Runtime, ref: VLAdapter, samples, responses, rewards, G, algo,
                                 algo.kl_kind, algo.kl_clamp, horizon=len(resp[0]) if resp else None)
             (loss * rt.sp_grid.sp_size).backward()
             out.append((float(loss.detach()), float(torch.cat(old[q]).mean())))
+            cap.check()
         if optimizer is not None:
             average_gradients([p for p in rt.adapter.model.parameters() if p.requires_grad], rt.grid)
             optimizer.step()
         rt.adapter.model.zero_grad(set_to_none=True)
-    check_cap(memory, cap)
+    cap.check()
     return out
 
 
-def check_cap(memory: PeakMemory, cap: float | None) -> None:
-    if cap is not None and memory.gb() > cap:
-        raise MemoryCapExceeded(f"peak {memory.gb():.2f} GiB > cap {cap} GiB")
+@dataclass
+class Bench:
+    """What every measurement of a run shares: the recipe, the models, the initial weights
+    each mode starts from, the grids (`one`: SP 1 over the world; `sp`: `mrsp.sp_size`) and
+    the memory sampler."""
+
+    recipe: object
+    adapter: VLAdapter
+    ref: VLAdapter
+    initial: dict
+    grids: dict[str, Grid]
+    memory: PeakMemory
+
+    @property
+    def grid(self) -> Grid:
+        return self.grids["sp"]
 
 
-def bench_mode(name, frames, recipe, adapter, ref, grids, initial, memory, ref_responses) -> dict:
+def reference_responses(qids: list[int], G: int, tokens: int) -> list[list[list[int]]]:
+    """Fixed rollouts (seeded random tokens) per question, for the cross-mode loss check."""
+    out = []
+    for q in qids:
+        g = torch.Generator().manual_seed(77 + q)
+        out.append([torch.randint(10, 900, (tokens,), generator=g).tolist() for _ in range(G)])
+    return out
+
+
+def bench_mode(bench: Bench, name: str, frames: int, tokens: int, warmup_steps: int, steps: int,
+               parity: bool = True) -> dict:
+    """One cell: `name` at `frames` frames and `tokens` response tokens, `warmup_steps` + `steps`
+    steps (the median of the latter); with `parity`, first the loss check on the reference
+    rollouts. A step whose peak passes `bench.memory_cap_gb` stops there: an OOM result."""
+    recipe, adapter = bench.recipe, bench.adapter
     b, algo = recipe.bench, recipe.algo
     mode_name, use_sp, reuse_old = MODES[name]
-    grid = grids["sp"] if use_sp else grids["one"]
+    grid = bench.grids["sp"] if use_sp else bench.grids["one"]
     rt = make_runtime(recipe, adapter, grid, Mode.named(mode_name))
-    adapter.model.load_state_dict(initial)
+    adapter.model.load_state_dict(bench.initial)
+    # what a step stopped at the cap left (gradients, unreachable cycles) goes before this one is measured
+    adapter.model.zero_grad(set_to_none=True)
+    gc.collect()
     opt = torch.optim.AdamW([p for p in adapter.model.parameters() if p.requires_grad], lr=1e-5)
-    G = recipe.rollout.n
+    memory, G = bench.memory, recipe.rollout.n
+    cap, no_cap = MemoryCap(memory, b.memory_cap_gb, grid), MemoryCap(memory, None, grid)
     # Every SP group handles world / dp questions in turn so all modes do the same work.
     per_group = grid.world_size // grid.dp_size if grid.world_size > 1 else 1
     qids = [grid.dp_rank * per_group + k for k in range(per_group)]
-    times, first, counters, peak = [], (0.0, 0.0), {}, 0.0
+    times, first, counters, peak = [], (None, None), {}, 0.0
+    cell = {"mode": name, "frames": frames, "response_tokens": tokens}
     try:
-        for step in range(b.warmup_steps + b.steps):
+        for step in range(warmup_steps + steps):
             timers = dict.fromkeys(PHASES, 0.0)
-            rt.new_step()
-            rt.reset_counters()
-            memory.reset()
-            samples = [synthetic_sample(rt, frames, b.frame_size, q) for q in qids]
             rewards = torch.cat([torch.rand(G, generator=torch.Generator().manual_seed(step * 100_003 + q))
                                  for q in qids])  # a question's rewards do not depend on the mode
-            if step == 0:  # the parity check: same rollouts, same weights -> same numbers in every mode
-                first = step_loss(rt, ref, samples, ref_responses(qids), rewards, G, algo,
-                                  dict.fromkeys(PHASES, 0.0), memory, None,
-                                  reuse_old=reuse_old)[qids.index(grid.rank)]
-                rt.new_step()  # the timed step starts cold: no embedding cached, counters at zero
-                rt.reset_counters()
-                memory.reset()
+            if step == 0 and parity:  # same rollouts, same weights -> same numbers in every mode
+                rt.new_step()
+                first = step_loss(rt, bench.ref, [synthetic_sample(rt, frames, b.frame_size, q) for q in qids],
+                                  reference_responses(qids, G, tokens), rewards, G, algo,
+                                  dict.fromkeys(PHASES, 0.0), no_cap, reuse_old=reuse_old)[qids.index(grid.rank)]
+            rt.new_step()  # every timed step starts cold: no embedding cached, counters at zero
+            rt.reset_counters()
+            memory.reset()  # a step's memory includes its decoded videos: they are built after the reset
+            samples = [synthetic_sample(rt, frames, b.frame_size, q) for q in qids]
             t0 = time.perf_counter()
             with torch.no_grad(), Phase(timers, "rollout", rt):
                 if rt.mode.reuse_embeddings:  # encode once (sharded over the SP group), reused below
                     for s in samples:
                         rt.embed(s)
-            check_cap(memory, b.memory_cap_gb)
-            sampling = Sampling(recipe.rollout.temperature, recipe.rollout.top_p, b.response_tokens,
+                        cap.check()
+            sampling = Sampling(recipe.rollout.temperature, recipe.rollout.top_p, tokens,
                                 seed=recipe.seed + step, stop_token_ids=[-1])  # fixed length: never stop
             with Phase(timers, "rollout", rt):
                 groups = rt.generate(samples, G, sampling)
-            check_cap(memory, b.memory_cap_gb)
+            cap.check()
             responses = [[r.token_ids for r in g] for g in groups]
-            step_loss(rt, ref, samples, responses, rewards, G, algo, timers, memory, b.memory_cap_gb, opt,
-                      reuse_old=reuse_old)
+            step_loss(rt, bench.ref, samples, responses, rewards, G, algo, timers, cap, opt, reuse_old=reuse_old)
             elapsed = time.perf_counter() - t0
-            if step >= b.warmup_steps:
+            if step >= warmup_steps:
                 times.append((elapsed, timers))
             counters = rt.counters()
             if grid.sp_group is not None:  # encodes on one rank alone (peer rollouts) add up over the group
@@ -238,17 +307,18 @@ def bench_mode(name, frames, recipe, adapter, ref, grids, initial, memory, ref_r
                 counters["vision_encodes"] += int(alone) - counters["vision_encodes_alone"]
             peak = max(peak, memory.gb())
     except (MemoryCapExceeded, torch.OutOfMemoryError, MemoryError) as e:
-        return {"mode": name, "frames": frames, "oom": True, "reason": str(e).splitlines()[0][:200]}
+        return {**cell, "oom": True, "reason": str(e).splitlines()[0][:200],
+                "peak_memory_gb": e.peak_gb if isinstance(e, MemoryCapExceeded) else None}
     med = statistics.median(t for t, _ in times)
     breakdown = {p: statistics.median(tm[p] for _, tm in times) for p in PHASES}
     flops = bench_step_flops(ModelShape.of(adapter), prompt=int(samples[0].prompt.input_ids.shape[0]),
-                             response=b.response_tokens, G=G, questions=len(qids) * grid.dp_size,
+                             response=tokens, G=G, questions=len(qids) * grid.dp_size,
                              grid_thw=samples[0].video.grid_thw,
                              encodes_per_video=counters["vision_encodes"] / len(qids),
                              prefills_per_question=1 if rt.mode.group_rollouts else G,
                              shared_prompt=rt.mode.shared_prompt, old_pass=not reuse_old)
     flops["step"] = sum(flops.values())
-    return {"flops": flops, "mode": name, "frames": frames, "oom": False, "seconds_per_step": med, "breakdown": breakdown,
+    return {**cell, "flops": flops, "oom": False, "seconds_per_step": med, "breakdown": breakdown,
             "peak_memory_gb": peak, "vision_encodes_per_video": counters["vision_encodes"] / len(qids),
             "video_tokens": int(samples[0].prompt.input_ids.eq(adapter.video_token_id).sum()),
             "prompt_tokens": int(samples[0].prompt.input_ids.shape[0]), "first_step_loss": first[0],
@@ -262,45 +332,72 @@ def run(recipe, run) -> dict:
     grids = {"one": init_grid(1, recipe.launch.backend, recipe.launch.timeout_s), "sp": open_grid(recipe)}
     grid: Grid = grids["sp"]
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    if b.memory_cap_gb is not None and grid.device.type == "cpu":
+        exact_rss_mode()  # what fits is live memory, not what glibc's heap keeps after earlier steps
     adapter = load_policy(recipe, grid)
     adapter.model.model.visual.requires_grad_(False)
     ref = load_reference(recipe, grid, adapter)
     initial = {k: v.detach().clone() for k, v in adapter.model.state_dict().items()}
     peak = gemm_peak(grid, next(adapter.model.parameters()).dtype)  # the limit MFU is measured against
-    memory = PeakMemory(grid.device)
+    bench = Bench(recipe, adapter, ref, initial, grids, PeakMemory(grid.device))
     results = []
-    with run.progress("bench-mrsp", len(b.frames) * len(b.modes)) as bar:
+    with run.progress("bench-mrsp", len(b.frames) * len(b.response_tokens) * len(b.modes)) as bar:
         for frames in b.frames:
-            cache: dict = {}
+            for tokens in b.response_tokens:
+                row = []
+                for name in b.modes:
+                    res = gather_peak(bench_mode(bench, name, frames, tokens, b.warmup_steps, b.steps), grid)
+                    row.append(res)
+                    results.append(res)
+                    run.metric(len(results), **{k: v for k, v in res.items() if k != "breakdown"})
+                    bar.advance()
+                check_parity(row, frames, tokens)
+    searches = search_caps(bench, results, run) if b.memory_cap_gb is not None else []
+    bench.memory.close()
+    return report(recipe, run, grid, [with_mfu(r, peak) for r in results], peak, searches)
 
-            def ref_responses(qids, G=recipe.rollout.n, cache=cache):
-                """Fixed reference rollouts (seeded random tokens) for the cross-mode loss check."""
-                out = []
-                for q in qids:
-                    if q not in cache:
-                        g = torch.Generator().manual_seed(77 + q)
-                        cache[q] = [torch.randint(10, 900, (b.response_tokens,), generator=g).tolist()
-                                    for _ in range(G)]
-                    out.append(cache[q])
-                return out
 
-            row = {}
+def check_parity(row: list[dict], frames: int, tokens: int) -> None:
+    """Every mode that ran gave the same first-step loss and log-prob (else RuntimeError)."""
+    ok = [r for r in row if not r["oom"]]
+    for key in ("first_step_loss", "first_step_logp"):
+        values = [r[key] for r in ok] or [0.0]
+        worst = max(abs(v - values[0]) for v in values)
+        if worst > 1e-4 * max(1.0, abs(values[0])):
+            raise RuntimeError(f"bench: modes disagree on the {key.replace('_', ' ')} at {frames} frames, "
+                               f"{tokens} response tokens (max difference {worst:.3g})")
+
+
+def search_caps(bench: Bench, results: list[dict], run) -> list[dict]:
+    """Per mode and response length, the largest frame count under `bench.memory_cap_gb`
+    (`stages/bench_search.py`), from the sweep's cells and probes of one step each."""
+    b = bench.recipe.bench
+
+    def fits(res: dict) -> tuple[bool, float | None]:
+        return not res["oom"] and res["peak_memory_gb"] <= b.memory_cap_gb, res["peak_memory_gb"]
+
+    out, step = [], len(results)
+    with run.progress("bench-mrsp: the largest video under the memory cap", None) as bar:
+        for tokens in b.response_tokens:
             for name in b.modes:
-                res = bench_mode(name, frames, recipe, adapter, ref, grids, initial, memory, ref_responses)
-                res = gather_peak(res, grid)
-                row[name] = res
-                results.append(res)
-                run.metric(len(results), **{k: v for k, v in res.items() if k != "breakdown"})
-                bar.advance()
-            ok = [r for r in row.values() if not r["oom"]]
-            for key in ("first_step_loss", "first_step_logp"):
-                values = [r[key] for r in ok] or [0.0]
-                worst = max(abs(v - values[0]) for v in values)
-                if worst > 1e-4 * max(1.0, abs(values[0])):
-                    raise RuntimeError(f"bench: modes disagree on the {key.replace('_', ' ')} at {frames} frames "
-                                       f"(max difference {worst:.3g})")
-    memory.close()
-    return report(recipe, run, grid, [with_mfu(r, peak) for r in results], peak)
+                seconds = {}
+
+                def probe(frames: int, name=name, tokens=tokens, seconds=seconds) -> tuple[bool, float | None]:
+                    nonlocal step
+                    res = gather_peak(bench_mode(bench, name, frames, tokens, 0, 1, parity=False), bench.grid)
+                    seconds[frames] = res.get("seconds_per_step")
+                    step += 1
+                    run.metric(step, probe=True, mode=name, frames=frames, response_tokens=tokens, oom=res["oom"],
+                               peak_memory_gb=res["peak_memory_gb"], seconds_per_step=seconds[frames])
+                    bar.advance()
+                    return fits(res)
+
+                listed = {r["frames"]: fits(r) for r in results if r["mode"] == name and r["response_tokens"] == tokens}
+                found = largest_fitting(probe, listed, resolution=b.search_resolution_frames, max_frames=b.max_frames)
+                for p in found["probes"]:
+                    p["seconds_per_step"] = seconds[p["frames"]]
+                out.append({"mode": name, "response_tokens": tokens, **found})
+    return out
 
 
 def gather_peak(res: dict, grid: Grid) -> dict:
