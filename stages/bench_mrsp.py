@@ -36,9 +36,9 @@ loss is minus the mean advantage, near 0 whatever the forward computed.
 Peak memory: CUDA's allocator peak on GPU (weights included); on CPU the resident-set
 high-water mark above the step's start (the step's decoded videos included, the weights
 not), sampled every 5 ms. With `bench.memory_cap_gb` a step stops once the peak of any rank
-passes the cap (checked on every rank after each question of each phase, the ranks agreeing
-on the largest peak, so all stop together), the cell is reported as OOM and the sweep goes
-on; then, per mode, `stages/bench_search.py` looks for the largest frame count under the
+passes the cap (checked on every rank after each question of each phase, and between a
+question's update forward and its backward, the ranks agreeing on the largest peak, so all
+stop together), the cell is reported as OOM and the sweep goes on; then, per mode, `stages/bench_search.py` looks for the largest frame count under the
 cap with one step per probe. On CPU a capped run fixes glibc's mmap threshold first (as
 `bench-components` does), so the resident set follows live memory; allocation is slower.
 """
@@ -81,9 +81,10 @@ class MemoryCapExceeded(RuntimeError):
 class MemoryCap:
     """Stops a step once the peak memory of any rank passes `gb` (None: never).
 
-    Every rank checks at the same points of a step (after each question of each phase) and
-    takes the largest peak over the ranks, so all ranks stop together and none is left waiting
-    in a collective of the step."""
+    Every rank checks at the same points of a step (after each question of each phase, and
+    between a question's update forward and backward) and takes the largest peak over the
+    ranks, so all ranks stop together and none is left waiting in a collective of the step.
+    A step passes the cap by at most what one piece between two checks adds."""
 
     def __init__(self, memory: PeakMemory, gb: float | None, grid: Grid):
         self.memory, self.gb, self.grid = memory, gb, grid
@@ -205,6 +206,7 @@ def step_loss(rt: Runtime, ref: VLAdapter, samples, responses, rewards, G, algo,
     with Phase(timers, "update", rt):
         for q, (s, resp) in enumerate(zip(samples, responses)):
             lps = rt.logprobs(s, resp)[0]
+            cap.check()  # the forward's activations are held: check before the backward adds to them
             if reuse_old:
                 old.append([x.detach() for x in lps])
             lp, mask = pad_rows(lps)
