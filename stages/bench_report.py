@@ -249,7 +249,8 @@ def memory_panel(ax, results: list[dict], searches: list[dict], modes: list[str]
             ax.scatter([s["oom_at_frames"]], [1.0], transform=ax.get_xaxis_transform(), marker="x", s=80,
                        color=colour, clip_on=False, zorder=3)
             ax.annotate(str(s["oom_at_frames"]), (s["oom_at_frames"], 1.0), xycoords=ax.get_xaxis_transform(),
-                        textcoords="offset points", xytext=(0, 7), ha="center", fontsize=7, color=colour)
+                        textcoords="offset points", xytext=(0, -9), ha="center", va="top", fontsize=7,
+                        color=colour)
             xs.add(s["oom_at_frames"])
             any_oom = True
     ax.axhline(cap_gb, color="black", linestyle="--", linewidth=1, label="memory cap")

@@ -64,7 +64,7 @@ def largest_fitting(probe: Callable[[int], tuple[bool, float | None]], listed: d
 
 def cap_table(searches: list[dict], cap_gb: float, resolution: int, max_frames: int, lengths: bool) -> str:
     """Markdown: per mode (and response length, with `lengths`), the largest fitting frame
-    count, its peak and the first failing count."""
+    count, its peak and the first failing count (peaks to the MiB: they decide against the cap)."""
     head = "| mode | " + ("response tokens | " if lengths else "") + \
         "largest frames that fit | its peak GiB/rank | OOM at frames | peak GiB/rank when stopped | probes |"
     lines = [f"Memory cap {cap_gb:g} GiB per rank; search resolution {resolution} frames, at most {max_frames} frames.",
@@ -74,9 +74,9 @@ def cap_table(searches: list[dict], cap_gb: float, resolution: int, max_frames: 
         oom = s["oom_at_frames"]
         cells = [s["mode"], *([str(s["response_tokens"])] if lengths else []),
                  "none" if fit is None else str(fit),
-                 "" if s["peak_memory_gb"] is None else f"{s['peak_memory_gb']:.2f}",
+                 "" if s["peak_memory_gb"] is None else f"{s['peak_memory_gb']:.3f}",
                  f"none up to {max_frames}" if oom is None else str(oom),
-                 "" if s["oom_peak_memory_gb"] is None else f">= {s['oom_peak_memory_gb']:.2f}",
+                 "" if s["oom_peak_memory_gb"] is None else f">= {s['oom_peak_memory_gb']:.3f}",
                  str(len(s["probes"]))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -126,7 +126,7 @@ def test_cap_search_finds_the_largest_video_under_the_cap(tmp_path):
     assert not probes[hi]["fits"] and s["oom_peak_memory_gb"] == probes[hi]["peak_memory_gb"] > cap
     assert all(p["fits"] == (f <= lo) for f, p in probes.items())  # one boundary: fits below, fails above
     md = (out / "t.md").read_text()
-    assert f"| vanilla | {lo} | {s['peak_memory_gb']:.2f} | {hi} | >= {s['oom_peak_memory_gb']:.2f} | " \
+    assert f"| vanilla | {lo} | {s['peak_memory_gb']:.3f} | {hi} | >= {s['oom_peak_memory_gb']:.3f} | " \
            f"{len(probes)} |" in md
     assert (out / "t.png").stat().st_size > 0
 

@@ -86,8 +86,8 @@ def test_cap_table_says_fits_none_and_none_over_the_cap():
                  "oom_at_frames": None, "oom_peak_memory_gb": None, "probes": [{}] * 5}]
     lines = cap_table(searches, 1.25, 64, 4096, lengths=False).splitlines()
     assert lines[0] == "Memory cap 1.25 GiB per rank; search resolution 64 frames, at most 4096 frames."
-    assert lines[-2] == "| vanilla | none |  | 128 | >= 1.31 | 0 |"
-    assert lines[-1] == "| mrsp-shared | 4096 | 0.50 | none up to 4096 |  | 5 |"
+    assert lines[-2] == "| vanilla | none |  | 128 | >= 1.310 | 0 |"
+    assert lines[-1] == "| mrsp-shared | 4096 | 0.500 | none up to 4096 |  | 5 |"
 
 
 def test_response_tokens_takes_an_int_or_a_list():
