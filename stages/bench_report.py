@@ -1,8 +1,9 @@
 """What `lvr bench-mrsp` writes: the JSON, the markdown tables and the plot of its results.
 
-`stages/bench_mrsp.py` measures; this module turns its results (one dict per mode and frame
-count) into `benchmarks/<name>.{json,md,png}`, copies them into the run directory and prints
-the tables on rank 0.
+`stages/bench_mrsp.py` measures; this module turns its results (one dict per mode, frame
+count and response length) and, with a memory cap, its searches (`stages/bench_search.py`)
+into `benchmarks/<name>.{json,md,png}`, copies them into the run directory and prints the
+tables on rank 0.
 """
 
 from __future__ import annotations
