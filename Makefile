@@ -13,7 +13,7 @@ export DS_BUILD_OPS ?= 0
 export OMP_NUM_THREADS ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: install test test-unit test-integration test-gpu demo bench lock clean
+.PHONY: install test test-unit test-integration test-gpu demo bench bench-response bench-cap lock clean
 
 install: $(STAMP)
 
@@ -57,6 +57,14 @@ demo: install
 
 bench: install
 	$(LVR) bench-mrsp recipes/demo/bench.toml output.overwrite=true
+
+# The shared-prompt speed-up as responses grow (32, 128, 512 tokens at 512 frames).
+bench-response: install
+	$(LVR) bench-mrsp recipes/demo/bench_response.toml output.overwrite=true
+
+# The largest video each mode fits under a memory cap per rank (one step per probe).
+bench-cap: install
+	$(LVR) bench-mrsp recipes/demo/bench_cap.toml output.overwrite=true
 
 clean:
 	rm -rf runs .cache $(VENV)

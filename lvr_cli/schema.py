@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from stages.data.records import CATEGORIES
 from stages.evalkit.formats.base import FORMATS
@@ -369,11 +369,36 @@ class BenchSpec(Section):
     modes: list[BenchMode] = ["vanilla", "peer", "mrsp-1", "mrsp", "mrsp-shared", "mrsp-shared-2pass"]
     steps: PosInt = 2
     warmup_steps: NonNegInt = 1
-    response_tokens: PosInt = 16  # every rollout is this long (the bench's rollout.max_new_tokens)
+    # every rollout is this long (the bench's rollout.max_new_tokens); a list runs every
+    # (mode, frames) cell at each length; a single int is read as a list of one
+    response_tokens: Annotated[list[PosInt], Field(min_length=1)] = [16]
     frame_size: PosInt = 56
+    # peak GiB per rank a step may reach: a cell past it is reported OOM, and each mode's
+    # largest fitting frame count is searched (one step per probe, see stages/bench_search.py)
     memory_cap_gb: PosFloat | None = None
+    search_resolution_frames: PosInt = 64  # the search stops when fitting and failing counts are this close
+    max_frames: PosInt = 4096  # the search probes no more frames than this
     name: str = "bench"
     out_dir: str = "benchmarks"
+
+    @field_validator("response_tokens", mode="before")
+    @classmethod
+    def _one_length_is_a_list(cls, v):
+        return [v] if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _search(self):
+        if len(set(self.response_tokens)) < len(self.response_tokens):
+            raise ValueError(f"response_tokens: {self.response_tokens} repeats a length")
+        if self.memory_cap_gb is None:
+            return self
+        if self.search_resolution_frames % 2:
+            raise ValueError(f"search_resolution_frames: give an even number (a temporal patch is two frames), "
+                             f"got {self.search_resolution_frames}")
+        if self.max_frames % 2 or self.max_frames < max(self.frames):
+            raise ValueError(f"max_frames: give an even number >= the largest of bench.frames ({max(self.frames)}), "
+                             f"got {self.max_frames}")
+        return self
 
 
 class BenchRolloutSection(Section):  # the bench fixes the response length (bench.response_tokens)

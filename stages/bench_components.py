@@ -57,7 +57,7 @@ from types import SimpleNamespace
 
 import torch
 
-from stages.bench_mrsp import libc, trim_heap
+from stages.bench_mrsp import exact_rss_mode, trim_heap
 from stages.mrsp.dist import barrier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,16 +83,6 @@ def _allocated_mib(memory, device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / 2 ** 20
     return memory._rss() / 2 ** 20
-
-
-def exact_rss_mode() -> None:
-    """Make the resident set follow live memory (glibc, CPU): allocations of 128 KiB and more
-    get their own mapping, returned to the system when freed (a fixed `M_MMAP_THRESHOLD`,
-    instead of the dynamic one that keeps freed tensors in the heap). Slows allocation, so
-    it is switched on after the timed runs. Without glibc, RSS growth under-counts reuse."""
-    lib = libc()
-    if lib is not None:
-        lib.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
 
 
 def time_phase(fn, grid, repeats: int) -> tuple[object, dict]:

@@ -1,8 +1,9 @@
 """`lvr bench-mrsp`: seconds per GRPO step and peak memory, MR-SP against the vanilla way.
 
-For each frame count and each mode, K real RL steps run on the same model and videos:
-G rollouts per question, old-policy, reference and update forwards (with backward and an
-AdamW step). Modes (see `stages/mrsp/runtime.py`):
+For each frame count, each response length (`bench.response_tokens`, one or a list) and
+each mode, K real RL steps run on the same model and videos: G rollouts per question,
+old-policy, reference and update forwards (with backward and an AdamW step). Modes (see
+`stages/mrsp/runtime.py`):
 
 - `vanilla`: the paper's baseline: every rollout encodes the video and prefills alone,
   every sequence of every training forward re-encodes it, no sequence parallelism;
@@ -32,24 +33,31 @@ from the same weights; both must agree across modes within 1e-4 (else the run fa
 log-prob is the sensitive one: at the first step the ratio is 1 and the policy term of the
 loss is minus the mean advantage, near 0 whatever the forward computed.
 
-Peak memory: CUDA's allocator peak on GPU; on CPU the resident-set high-water mark above
-the step's start, sampled every 5 ms. With `bench.memory_cap_gb` a mode whose peak passes
-the cap is reported as OOM at the end of the phase that passed it and the sweep goes on.
+Peak memory: CUDA's allocator peak on GPU (weights included); on CPU the resident-set
+high-water mark above the step's start (the step's decoded videos included, the weights
+not), sampled every 5 ms. With `bench.memory_cap_gb` a step stops once the peak of any rank
+passes the cap (checked on every rank after each question of each phase, and between a
+question's update forward and its backward, the ranks agreeing on the largest peak, so all
+stop together), the cell is reported as OOM and the sweep goes on; then, per mode, `stages/bench_search.py` looks for the largest frame count under the
+cap with one step per probe. On CPU a capped run fixes glibc's mmap threshold first (as
+`bench-components` does), so the resident set follows live memory; allocation is slower.
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
+import gc
 import os
 import statistics
 import threading
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
 from stages.algo.grpo import group_advantages, grpo_loss, pad_rows
+from stages.bench_report import PHASES, report, with_mfu
+from stages.bench_search import largest_fitting
 from stages.flops import ModelShape, bench_step_flops, gemm_peak
 from stages.models.adapter import VLAdapter
 from stages.models.patchify import patchify
@@ -62,11 +70,31 @@ from stages.setup import load_policy, load_reference, make_runtime, open_grid
 MODES = {"vanilla": ("vanilla", False, False), "peer": ("peer", True, False), "mrsp-1": ("mrsp", False, False),
          "mrsp": ("mrsp", True, False), "mrsp-shared": ("mrsp-shared", True, True),
          "mrsp-shared-2pass": ("mrsp-shared", True, False)}
-PHASES = ("vision", "rollout", "old", "ref", "update")
 
 
 class MemoryCapExceeded(RuntimeError):
-    pass
+    def __init__(self, peak_gb: float, cap_gb: float):
+        super().__init__(f"peak {peak_gb:.2f} GiB on a rank > cap {cap_gb:g} GiB")
+        self.peak_gb = peak_gb
+
+
+class MemoryCap:
+    """Stops a step once the peak memory of any rank passes `gb` (None: never).
+
+    Every rank checks at the same points of a step (after each question of each phase, and
+    between a question's update forward and backward) and takes the largest peak over the
+    ranks, so all ranks stop together and none is left waiting in a collective of the step.
+    A step passes the cap by at most what one piece between two checks adds."""
+
+    def __init__(self, memory: PeakMemory, gb: float | None, grid: Grid):
+        self.memory, self.gb, self.grid = memory, gb, grid
+
+    def check(self) -> None:
+        if self.gb is None:
+            return
+        peak = all_reduce_sum([self.memory.gb()], self.grid, op="max")[0]
+        if peak > self.gb:
+            raise MemoryCapExceeded(peak, self.gb)
 
 
 class Phase:
@@ -100,6 +128,16 @@ def trim_heap(device: torch.device) -> None:
     lib = libc() if device.type == "cpu" else None
     if lib is not None:
         lib.malloc_trim(0)
+
+
+def exact_rss_mode() -> None:
+    """Make the resident set follow live memory (glibc, CPU): allocations of 128 KiB and more
+    get their own mapping, returned to the system when freed (a fixed `M_MMAP_THRESHOLD`,
+    instead of the dynamic one that keeps freed tensors in the heap). Slows allocation.
+    Without glibc, RSS growth under-counts reuse."""
+    lib = libc()
+    if lib is not None:
+        lib.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
 
 
 class PeakMemory:
@@ -150,7 +188,7 @@ def synthetic_sample(rt: Runtime, frames: int, size: int, index: int) -> Sample:
     return rt.sample_of(record, video, record["problem_id"])
 
 
-def step_loss(rt: Runtime, ref: VLAdapter, samples, responses, rewards, G, algo, timers, memory, cap,
+def step_loss(rt: Runtime, ref: VLAdapter, samples, responses, rewards, G, algo, timers, cap: MemoryCap,
               optimizer=None, reuse_old: bool = False) -> list[tuple[float, float]]:
     """Old + reference + update forwards of one step (no old forward with `reuse_old`: the
     update forward's log-probs, detached, are the old ones); return per question its update
@@ -162,12 +200,13 @@ def step_loss(rt: Runtime, ref: VLAdapter, samples, responses, rewards, G, algo,
             with Phase(timers, phase, rt):
                 for s, resp in zip(samples, responses):
                     out.append(rt.logprobs(s, resp, model=model)[0])
-            check_cap(memory, cap)
+                    cap.check()
     adv = group_advantages(rewards, G, scale_by_std=algo.scale_by_std)
     out = []
     with Phase(timers, "update", rt):
         for q, (s, resp) in enumerate(zip(samples, responses)):
             lps = rt.logprobs(s, resp)[0]
+            cap.check()  # the forward's activations are held: check before the backward adds to them
             if reuse_old:
                 old.append([x.detach() for x in lps])
             lp, mask = pad_rows(lps)
@@ -176,63 +215,93 @@ def step_loss(rt: Runtime, ref: VLAdapter, samples, responses, rewards, G, algo,
                                 algo.kl_kind, algo.kl_clamp, horizon=len(resp[0]) if resp else None)
             (loss * rt.sp_grid.sp_size).backward()
             out.append((float(loss.detach()), float(torch.cat(old[q]).mean())))
+            cap.check()
         if optimizer is not None:
             average_gradients([p for p in rt.adapter.model.parameters() if p.requires_grad], rt.grid)
             optimizer.step()
         rt.adapter.model.zero_grad(set_to_none=True)
-    check_cap(memory, cap)
+    cap.check()
     return out
 
 
-def check_cap(memory: PeakMemory, cap: float | None) -> None:
-    if cap is not None and memory.gb() > cap:
-        raise MemoryCapExceeded(f"peak {memory.gb():.2f} GiB > cap {cap} GiB")
+@dataclass
+class Bench:
+    """What every measurement of a run shares: the recipe, the models, the initial weights
+    each mode starts from, the grids (`one`: SP 1 over the world; `sp`: `mrsp.sp_size`) and
+    the memory sampler."""
+
+    recipe: object
+    adapter: VLAdapter
+    ref: VLAdapter
+    initial: dict
+    grids: dict[str, Grid]
+    memory: PeakMemory
+
+    @property
+    def grid(self) -> Grid:
+        return self.grids["sp"]
 
 
-def bench_mode(name, frames, recipe, adapter, ref, grids, initial, memory, ref_responses) -> dict:
+def reference_responses(qids: list[int], G: int, tokens: int) -> list[list[list[int]]]:
+    """Fixed rollouts (seeded random tokens) per question, for the cross-mode loss check."""
+    out = []
+    for q in qids:
+        g = torch.Generator().manual_seed(77 + q)
+        out.append([torch.randint(10, 900, (tokens,), generator=g).tolist() for _ in range(G)])
+    return out
+
+
+def bench_mode(bench: Bench, name: str, frames: int, tokens: int, warmup_steps: int, steps: int,
+               parity: bool = True) -> dict:
+    """One cell: `name` at `frames` frames and `tokens` response tokens, `warmup_steps` + `steps`
+    steps (the median of the latter); with `parity`, first the loss check on the reference
+    rollouts. A step whose peak passes `bench.memory_cap_gb` stops there: an OOM result."""
+    recipe, adapter = bench.recipe, bench.adapter
     b, algo = recipe.bench, recipe.algo
     mode_name, use_sp, reuse_old = MODES[name]
-    grid = grids["sp"] if use_sp else grids["one"]
+    grid = bench.grids["sp"] if use_sp else bench.grids["one"]
     rt = make_runtime(recipe, adapter, grid, Mode.named(mode_name))
-    adapter.model.load_state_dict(initial)
+    adapter.model.load_state_dict(bench.initial)
+    # what a step stopped at the cap left (gradients, unreachable cycles) goes before this one is measured
+    adapter.model.zero_grad(set_to_none=True)
+    gc.collect()
     opt = torch.optim.AdamW([p for p in adapter.model.parameters() if p.requires_grad], lr=1e-5)
-    G = recipe.rollout.n
+    memory, G = bench.memory, recipe.rollout.n
+    cap, no_cap = MemoryCap(memory, b.memory_cap_gb, grid), MemoryCap(memory, None, grid)
     # Every SP group handles world / dp questions in turn so all modes do the same work.
     per_group = grid.world_size // grid.dp_size if grid.world_size > 1 else 1
     qids = [grid.dp_rank * per_group + k for k in range(per_group)]
-    times, first, counters, peak = [], (0.0, 0.0), {}, 0.0
+    times, first, counters, peak = [], (None, None), {}, 0.0
+    cell = {"mode": name, "frames": frames, "response_tokens": tokens}
     try:
-        for step in range(b.warmup_steps + b.steps):
+        for step in range(warmup_steps + steps):
             timers = dict.fromkeys(PHASES, 0.0)
-            rt.new_step()
-            rt.reset_counters()
-            memory.reset()
-            samples = [synthetic_sample(rt, frames, b.frame_size, q) for q in qids]
             rewards = torch.cat([torch.rand(G, generator=torch.Generator().manual_seed(step * 100_003 + q))
                                  for q in qids])  # a question's rewards do not depend on the mode
-            if step == 0:  # the parity check: same rollouts, same weights -> same numbers in every mode
-                first = step_loss(rt, ref, samples, ref_responses(qids), rewards, G, algo,
-                                  dict.fromkeys(PHASES, 0.0), memory, None,
-                                  reuse_old=reuse_old)[qids.index(grid.rank)]
-                rt.new_step()  # the timed step starts cold: no embedding cached, counters at zero
-                rt.reset_counters()
-                memory.reset()
+            if step == 0 and parity:  # same rollouts, same weights -> same numbers in every mode
+                rt.new_step()
+                first = step_loss(rt, bench.ref, [synthetic_sample(rt, frames, b.frame_size, q) for q in qids],
+                                  reference_responses(qids, G, tokens), rewards, G, algo,
+                                  dict.fromkeys(PHASES, 0.0), no_cap, reuse_old=reuse_old)[qids.index(grid.rank)]
+            rt.new_step()  # every timed step starts cold: no embedding cached, counters at zero
+            rt.reset_counters()
+            memory.reset()  # a step's memory includes its decoded videos: they are built after the reset
+            samples = [synthetic_sample(rt, frames, b.frame_size, q) for q in qids]
             t0 = time.perf_counter()
             with torch.no_grad(), Phase(timers, "rollout", rt):
                 if rt.mode.reuse_embeddings:  # encode once (sharded over the SP group), reused below
                     for s in samples:
                         rt.embed(s)
-            check_cap(memory, b.memory_cap_gb)
-            sampling = Sampling(recipe.rollout.temperature, recipe.rollout.top_p, b.response_tokens,
+                        cap.check()
+            sampling = Sampling(recipe.rollout.temperature, recipe.rollout.top_p, tokens,
                                 seed=recipe.seed + step, stop_token_ids=[-1])  # fixed length: never stop
             with Phase(timers, "rollout", rt):
                 groups = rt.generate(samples, G, sampling)
-            check_cap(memory, b.memory_cap_gb)
+            cap.check()
             responses = [[r.token_ids for r in g] for g in groups]
-            step_loss(rt, ref, samples, responses, rewards, G, algo, timers, memory, b.memory_cap_gb, opt,
-                      reuse_old=reuse_old)
+            step_loss(rt, bench.ref, samples, responses, rewards, G, algo, timers, cap, opt, reuse_old=reuse_old)
             elapsed = time.perf_counter() - t0
-            if step >= b.warmup_steps:
+            if step >= warmup_steps:
                 times.append((elapsed, timers))
             counters = rt.counters()
             if grid.sp_group is not None:  # encodes on one rank alone (peer rollouts) add up over the group
@@ -240,17 +309,18 @@ def bench_mode(name, frames, recipe, adapter, ref, grids, initial, memory, ref_r
                 counters["vision_encodes"] += int(alone) - counters["vision_encodes_alone"]
             peak = max(peak, memory.gb())
     except (MemoryCapExceeded, torch.OutOfMemoryError, MemoryError) as e:
-        return {"mode": name, "frames": frames, "oom": True, "reason": str(e).splitlines()[0][:200]}
+        return {**cell, "oom": True, "reason": str(e).splitlines()[0][:200],
+                "peak_memory_gb": e.peak_gb if isinstance(e, MemoryCapExceeded) else None}
     med = statistics.median(t for t, _ in times)
     breakdown = {p: statistics.median(tm[p] for _, tm in times) for p in PHASES}
     flops = bench_step_flops(ModelShape.of(adapter), prompt=int(samples[0].prompt.input_ids.shape[0]),
-                             response=b.response_tokens, G=G, questions=len(qids) * grid.dp_size,
+                             response=tokens, G=G, questions=len(qids) * grid.dp_size,
                              grid_thw=samples[0].video.grid_thw,
                              encodes_per_video=counters["vision_encodes"] / len(qids),
                              prefills_per_question=1 if rt.mode.group_rollouts else G,
                              shared_prompt=rt.mode.shared_prompt, old_pass=not reuse_old)
     flops["step"] = sum(flops.values())
-    return {"flops": flops, "mode": name, "frames": frames, "oom": False, "seconds_per_step": med, "breakdown": breakdown,
+    return {**cell, "flops": flops, "oom": False, "seconds_per_step": med, "breakdown": breakdown,
             "peak_memory_gb": peak, "vision_encodes_per_video": counters["vision_encodes"] / len(qids),
             "video_tokens": int(samples[0].prompt.input_ids.eq(adapter.video_token_id).sum()),
             "prompt_tokens": int(samples[0].prompt.input_ids.shape[0]), "first_step_loss": first[0],
@@ -264,55 +334,72 @@ def run(recipe, run) -> dict:
     grids = {"one": init_grid(1, recipe.launch.backend, recipe.launch.timeout_s), "sp": open_grid(recipe)}
     grid: Grid = grids["sp"]
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    if b.memory_cap_gb is not None and grid.device.type == "cpu":
+        exact_rss_mode()  # what fits is live memory, not what glibc's heap keeps after earlier steps
     adapter = load_policy(recipe, grid)
     adapter.model.model.visual.requires_grad_(False)
     ref = load_reference(recipe, grid, adapter)
     initial = {k: v.detach().clone() for k, v in adapter.model.state_dict().items()}
     peak = gemm_peak(grid, next(adapter.model.parameters()).dtype)  # the limit MFU is measured against
-    memory = PeakMemory(grid.device)
+    bench = Bench(recipe, adapter, ref, initial, grids, PeakMemory(grid.device))
     results = []
-    with run.progress("bench-mrsp", len(b.frames) * len(b.modes)) as bar:
+    with run.progress("bench-mrsp", len(b.frames) * len(b.response_tokens) * len(b.modes)) as bar:
         for frames in b.frames:
-            cache: dict = {}
+            for tokens in b.response_tokens:
+                row = []
+                for name in b.modes:
+                    res = gather_peak(bench_mode(bench, name, frames, tokens, b.warmup_steps, b.steps), grid)
+                    row.append(res)
+                    results.append(res)
+                    run.metric(len(results), **{k: v for k, v in res.items() if k != "breakdown"})
+                    bar.advance()
+                check_parity(row, frames, tokens)
+    searches = search_caps(bench, results, run) if b.memory_cap_gb is not None else []
+    bench.memory.close()
+    return report(recipe, run, grid, [with_mfu(r, peak) for r in results], peak, searches)
 
-            def ref_responses(qids, G=recipe.rollout.n, cache=cache):
-                """Fixed reference rollouts (seeded random tokens) for the cross-mode loss check."""
-                out = []
-                for q in qids:
-                    if q not in cache:
-                        g = torch.Generator().manual_seed(77 + q)
-                        cache[q] = [torch.randint(10, 900, (b.response_tokens,), generator=g).tolist()
-                                    for _ in range(G)]
-                    out.append(cache[q])
-                return out
 
-            row = {}
+def check_parity(row: list[dict], frames: int, tokens: int) -> None:
+    """Every mode that ran gave the same first-step loss and log-prob (else RuntimeError)."""
+    ok = [r for r in row if not r["oom"]]
+    for key in ("first_step_loss", "first_step_logp"):
+        values = [r[key] for r in ok] or [0.0]
+        worst = max(abs(v - values[0]) for v in values)
+        if worst > 1e-4 * max(1.0, abs(values[0])):
+            raise RuntimeError(f"bench: modes disagree on the {key.replace('_', ' ')} at {frames} frames, "
+                               f"{tokens} response tokens (max difference {worst:.3g})")
+
+
+def search_caps(bench: Bench, results: list[dict], run) -> list[dict]:
+    """Per mode and response length, the largest frame count under `bench.memory_cap_gb`
+    (`stages/bench_search.py`), from the sweep's cells and probes of one step each."""
+    b = bench.recipe.bench
+
+    def fits(res: dict) -> tuple[bool, float | None]:
+        return not res["oom"] and res["peak_memory_gb"] <= b.memory_cap_gb, res["peak_memory_gb"]
+
+    out, step = [], len(results)
+    with run.progress("bench-mrsp: the largest video under the memory cap", None) as bar:
+        for tokens in b.response_tokens:
             for name in b.modes:
-                res = bench_mode(name, frames, recipe, adapter, ref, grids, initial, memory, ref_responses)
-                res = gather_peak(res, grid)
-                row[name] = res
-                results.append(res)
-                run.metric(len(results), **{k: v for k, v in res.items() if k != "breakdown"})
-                bar.advance()
-            ok = [r for r in row.values() if not r["oom"]]
-            for key in ("first_step_loss", "first_step_logp"):
-                values = [r[key] for r in ok] or [0.0]
-                worst = max(abs(v - values[0]) for v in values)
-                if worst > 1e-4 * max(1.0, abs(values[0])):
-                    raise RuntimeError(f"bench: modes disagree on the {key.replace('_', ' ')} at {frames} frames "
-                                       f"(max difference {worst:.3g})")
-    memory.close()
-    return report(recipe, run, grid, [with_mfu(r, peak) for r in results], peak)
+                seconds = {}
 
+                def probe(frames: int, name=name, tokens=tokens, seconds=seconds) -> tuple[bool, float | None]:
+                    nonlocal step
+                    res = gather_peak(bench_mode(bench, name, frames, tokens, 0, 1, parity=False), bench.grid)
+                    seconds[frames] = res.get("seconds_per_step")
+                    step += 1
+                    run.metric(step, probe=True, mode=name, frames=frames, response_tokens=tokens, oom=res["oom"],
+                               peak_memory_gb=res["peak_memory_gb"], seconds_per_step=seconds[frames])
+                    bar.advance()
+                    return fits(res)
 
-def with_mfu(res: dict, peak: dict) -> dict:
-    """`res` with achieved FLOP/s (all processes' FLOPs over rank 0's seconds) and MFU
-    (against every process's measured matmul rate added up), per phase and per step."""
-    if res["oom"]:
-        return res
-    seconds = {**res["breakdown"], "step": res["seconds_per_step"]}
-    rate = {k: (f / seconds[k] if seconds[k] > 0 else 0.0) for k, f in res["flops"].items()}
-    return {**res, "flops_per_s": rate, "mfu": {k: v / peak["all_processes"] for k, v in rate.items()}}
+                listed = {r["frames"]: fits(r) for r in results if r["mode"] == name and r["response_tokens"] == tokens}
+                found = largest_fitting(probe, listed, resolution=b.search_resolution_frames, max_frames=b.max_frames)
+                for p in found["probes"]:
+                    p["seconds_per_step"] = seconds[p["frames"]]
+                out.append({"mode": name, "response_tokens": tokens, **found})
+    return out
 
 
 def gather_peak(res: dict, grid: Grid) -> dict:
@@ -320,126 +407,3 @@ def gather_peak(res: dict, grid: Grid) -> dict:
     if grid.world_size == 1 or res["oom"]:
         return res
     return {**res, "peak_memory_gb": all_reduce_sum([res["peak_memory_gb"]], grid, op="max")[0]}
-
-
-def report(recipe, run, grid: Grid, results: list[dict], peak: dict) -> dict:
-    b = recipe.bench
-    modes = list(b.modes)
-    table = markdown_table(results, modes, b.frames)
-    mfu = mfu_table(results, modes, b.frames)
-    speedups = {}
-    for f in b.frames:
-        row = {r["mode"]: r for r in results if r["frames"] == f}
-        best = "mrsp" if "mrsp" in row else ("mrsp-1" if "mrsp-1" in row else None)
-        pairs = ((best, ("vanilla", "peer")), ("mrsp-shared", ("vanilla", "peer", "mrsp", "mrsp-shared-2pass")),
-                 ("mrsp-shared-2pass", ("vanilla", "peer", "mrsp")))
-        for fast, slower in pairs:
-            if fast not in row or row[fast]["oom"]:
-                continue
-            for other in slower:
-                if other in row and not row[other]["oom"]:
-                    speedups[f"{fast}_over_{other}@{f}"] = round(row[other]["seconds_per_step"]
-                                                                / row[fast]["seconds_per_step"], 2)
-    if grid.is_main:
-        from stages.env import environment
-
-        out = Path(b.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        env = environment(grid.world_size)
-        machine = (f"{env['devices'].get('cuda') or 'CPU'} x{grid.world_size} processes, "
-                   f"{os.cpu_count()} cores, torch {env['versions']['torch']}")
-        data = {"name": b.name, "machine": machine, "model": recipe.model.path, "world_size": grid.world_size,
-                "sp_size": recipe.mrsp.sp_size, "rollout_n": recipe.rollout.n,
-                "response_tokens": b.response_tokens, "frame_size": b.frame_size, "steps": b.steps,
-                "warmup_steps": b.warmup_steps, "peak_flops": peak, "results": results, "speedups": speedups,
-                "env": env}
-        (out / f"{b.name}.json").write_text(json.dumps(data, indent=2) + "\n")
-        (out / f"{b.name}.md").write_text(f"Machine: {machine}; model {recipe.model.path}; G = {recipe.rollout.n}, "
-                                         f"{b.response_tokens} response tokens, frames {b.frame_size}x{b.frame_size}.\n\n"
-                                         + table + "\n\n" + peak_line(peak) + "\n\n" + mfu + "\n")
-        plot(results, modes, out / f"{b.name}.png", machine)
-        for name in (f"{b.name}.json", f"{b.name}.md", f"{b.name}.png"):
-            (run.path / name).write_bytes((out / name).read_bytes())
-        from rich.console import Console
-
-        Console().print(table + "\n\n" + peak_line(peak) + "\n\n" + mfu)
-    return {"results": len(results), "oom": sum(r["oom"] for r in results), **speedups, "out_dir": b.out_dir,
-            "failed": 0}
-
-
-def markdown_table(results: list[dict], modes: list[str], frames: list[int]) -> str:
-    lines = ["| frames | mode | s/step | vision | rollout | old | ref | update | peak GiB/rank | encodes/video "
-             "| forward tokens/question |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for f in frames:
-        for m in modes:
-            r = next((x for x in results if x["frames"] == f and x["mode"] == m), None)
-            if r is None:
-                continue
-            if r["oom"]:
-                lines.append(f"| {f} | {m} | OOM | | | | | | | | |")
-                continue
-            bd = r["breakdown"]
-            lines.append(f"| {f} | {m} | {r['seconds_per_step']:.2f} | " + " | ".join(f"{bd[p]:.2f}" for p in PHASES)
-                         + f" | {r['peak_memory_gb']:.2f} | {r['vision_encodes_per_video']:g} "
-                         f"| {r['train_forward_tokens'] // r['questions_per_rank']} |")
-    return "\n".join(lines)
-
-
-def peak_line(peak: dict) -> str:
-    return (f"Measured matmul peak ({peak['dtype']} {peak['gemm']} torch.mm): "
-            f"{peak['per_process'] / 1e9:.1f} GFLOP/s on one process alone, {peak['all_processes'] / 1e9:.1f} GFLOP/s "
-            f"on all {peak['processes']} processes at once; MFU is against the latter.")
-
-
-def mfu_table(results: list[dict], modes: list[str], frames: list[int]) -> str:
-    """Per frame count and mode: GFLOPs of the step (all processes), achieved GFLOP/s, and
-    MFU in % per step and per phase."""
-    cols = ("step", *PHASES)
-    lines = ["| frames | mode | GFLOP/step | GFLOP/s | " + " | ".join(f"MFU % {c}" for c in cols) + " |",
-             "|---:|---|---:|---:|" + "---:|" * len(cols)]
-    for f in frames:
-        for m in modes:
-            r = next((x for x in results if x["frames"] == f and x["mode"] == m), None)
-            if r is None or r["oom"]:
-                continue
-            lines.append(f"| {f} | {m} | {r['flops']['step'] / 1e9:.2f} | {r['flops_per_s']['step'] / 1e9:.2f} | "
-                         + " | ".join(f"{100 * r['mfu'][c]:.1f}" if r["flops"][c] > 0 else "" for c in cols) + " |")
-    return "\n".join(lines)
-
-
-def plot(results: list[dict], modes: list[str], path: Path, machine: str) -> None:
-    """Seconds per step against frames, a line per mode; an x at the top edge where a mode ran
-    out of memory."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-
-    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
-    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
-    frames = sorted({r["frames"] for r in results})
-    any_oom = False
-    for i, m in enumerate(modes):
-        colour = colours[i % len(colours)]
-        pts = [(r["frames"], r["seconds_per_step"]) for r in results if r["mode"] == m and not r["oom"]]
-        ooms = [r["frames"] for r in results if r["mode"] == m and r["oom"]]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colour, label=m)
-        if ooms:  # x in data units, y at the top of the axes: visible whatever the times
-            ax.scatter(ooms, [1.0] * len(ooms), transform=ax.get_xaxis_transform(), marker="x", s=80,
-                       color=colour, clip_on=False, zorder=3)
-            any_oom = True
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(frames, [str(f) for f in frames])
-    ax.minorticks_off()
-    ax.set_xlabel("frames per video")
-    ax.set_ylabel("seconds per RL step (s)")
-    ax.set_ylim(bottom=0)
-    ax.set_title(f"MR-SP vs vanilla\n{machine}", fontsize=9)
-    ax.grid(alpha=0.3)
-    handles = ax.get_legend_handles_labels()[0]
-    if any_oom:
-        handles.append(Line2D([], [], marker="x", linestyle="", color="black", label="out of memory"))
-    fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -22,7 +22,7 @@ allocator's fragmentation (`RESERVE_GIB` is kept free for them). On CPU, `lvr be
 measures the growth of the resident set above a step's start: weights are loaded before the
 step, so `step_growth` (without weights) is what compares with it, and only with glibc's
 mmap threshold fixed (GLIBC_TUNABLES=glibc.malloc.mmap_threshold=131072, as bench-components
-sets it): with the default, dynamic threshold, glibc keeps freed activations in its heap and
+and a bench-mrsp run with a memory cap set it): with the default, dynamic threshold, glibc keeps freed activations in its heap and
 the growth overstates live memory by 1.3-2.2x (see the README's planner section).
 
 Departures from the real thing: every response is as long as the recipe allows; SFT targets
@@ -273,7 +273,7 @@ def scenarios(d: Dims, recipe, gpu: Gpu) -> list[tuple[Scenario, int]]:
         bench = recipe.bench
         side = bench.frame_size // factor * factor
         base = Scenario("", b, not gpu.cuda, sp, world, None, d.params_language, True, False, False,
-                        sp, 1, recipe.rollout.n, bench.response_tokens, BENCH_TEXT_TOKENS, side * side,
+                        sp, 1, recipe.rollout.n, max(bench.response_tokens), BENCH_TEXT_TOKENS, side * side,
                         True, True, False, recipe.mrsp.logprob_chunk_tokens, bench=True)
         frames = max(bench.frames)
         return [(bench_scenario(base, m), frames) for m in bench.modes]

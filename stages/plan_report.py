@@ -5,6 +5,7 @@ against a `lvr bench-mrsp` measurement. The arithmetic is in `stages/plan.py` an
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from stages import plan_model as pm
@@ -146,11 +147,13 @@ def bench_table(d: Dims, recipe, pairs) -> str:
 def calibration(d: Dims, recipe, measured: dict) -> list[dict]:
     """Predicted step growth against a bench-mrsp JSON's peak per rank, per (mode, frames)."""
     gpu = GPUS["cuda" in measured.get("machine", "") and "h100-80g" or "cpu-24g"]
+    lengths = measured["response_tokens"]  # a list since bench.response_tokens is one; one int before
+    lengths = lengths if isinstance(lengths, list) else [lengths]
     # the run's own settings, whatever the recipe says now
     update = {"bench": recipe.bench.model_copy(update={
                   "frames": sorted({r["frames"] for r in measured["results"]}),
                   "modes": sorted({r["mode"] for r in measured["results"]}),
-                  "frame_size": measured["frame_size"], "response_tokens": measured["response_tokens"]}),
+                  "frame_size": measured["frame_size"], "response_tokens": lengths}),
               "rollout": recipe.rollout.model_copy(update={"n": measured["rollout_n"]}),
               "mrsp": recipe.mrsp.model_copy(update={"sp_size": measured["sp_size"]}),
               "launch": recipe.launch.model_copy(update={"nproc_per_node": measured["world_size"], "nnodes": 1})}
@@ -159,7 +162,7 @@ def calibration(d: Dims, recipe, measured: dict) -> list[dict]:
     for r in measured["results"]:
         if r.get("oom"):
             continue
-        s = modes[r["mode"]]
+        s = replace(modes[r["mode"]], T=r.get("response_tokens", lengths[0]))
         predicted = breakdown(d, s, r["frames"]).step_growth / GIB
         out.append({"mode": r["mode"], "frames": r["frames"], "predicted_gib": predicted,
                     "measured_gib": r["peak_memory_gb"], "error": predicted / r["peak_memory_gb"] - 1,

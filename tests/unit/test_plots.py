@@ -1,5 +1,5 @@
 """Plots: units on the axes, accuracy in % on its own axis, legends outside the data, the bench's
-frame-count ticks and OOM marks, the filter histogram on [0, 1]."""
+frame-count ticks and OOM marks (and its memory-cap panel), the filter histogram on [0, 1]."""
 
 from types import SimpleNamespace
 
@@ -42,13 +42,13 @@ def test_sft_curves_label_the_loss_unit():
 
 
 def test_bench_plot_ticks_are_the_frame_counts_and_ooms_are_marked(tmp_path, monkeypatch):
-    from stages import bench_mrsp
+    from stages import bench_report
 
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)
     res = [{"mode": m, "frames": f, "oom": (m, f) in {("vanilla", 256), ("vanilla", 512), ("peer", 512)},
             "seconds_per_step": f / 64} for m in ("vanilla", "peer", "mrsp") for f in (64, 128, 256, 512)]
-    bench_mrsp.plot(res, ["vanilla", "peer", "mrsp"], tmp_path / "b.png", "CPU")
+    bench_report.plot(res, ["vanilla", "peer", "mrsp"], tmp_path / "b.png", "CPU")
     (fig,) = figures
     ax = fig.axes[0]
     assert list(ax.get_xticks()) == [64, 128, 256, 512] and [t.get_text() for t in ax.get_xticklabels()] == \
@@ -59,6 +59,49 @@ def test_bench_plot_ticks_are_the_frame_counts_and_ooms_are_marked(tmp_path, mon
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["vanilla", "peer", "mrsp", "out of memory"]
     assert outside(fig, fig.legends[0], [ax])
     assert (tmp_path / "b.png").stat().st_size > 0
+
+
+def test_bench_cap_panel_marks_the_first_failing_count_and_the_cap(tmp_path, monkeypatch):
+    from stages import bench_report
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    res = [{"mode": m, "frames": 512, "response_tokens": 32, "oom": False, "seconds_per_step": 1.0,
+            "peak_memory_gb": {"vanilla": 0.9, "mrsp": 0.5}[m]} for m in ("vanilla", "mrsp")]
+    searches = [{"mode": "vanilla", "response_tokens": 32, "largest_fitting_frames": 704, "oom_at_frames": 768,
+                 "probes": [{"frames": 1024, "fits": False, "peak_memory_gb": 1.3},
+                            {"frames": 768, "fits": False, "peak_memory_gb": 1.26},
+                            {"frames": 640, "fits": True, "peak_memory_gb": 1.1},
+                            {"frames": 704, "fits": True, "peak_memory_gb": 1.2}]},
+                {"mode": "mrsp", "response_tokens": 32, "largest_fitting_frames": 2048, "oom_at_frames": None,
+                 "probes": [{"frames": 1024, "fits": True, "peak_memory_gb": 0.8},
+                            {"frames": 2048, "fits": True, "peak_memory_gb": 1.2}]}]
+    bench_report.plot(res, ["vanilla", "mrsp"], tmp_path / "c.png", "CPU", searches, 1.25)
+    (fig,) = figures
+    _, mem = fig.axes
+    assert mem.get_xlabel() == "frames per video" and mem.get_ylabel() == "peak memory per rank (GiB)"
+    vanilla, mrsp, cap = mem.get_lines()
+    assert list(vanilla.get_xdata()) == [512, 640, 704] and list(vanilla.get_ydata()) == [0.9, 1.1, 1.2]
+    assert list(mrsp.get_xdata()) == [512, 1024, 2048]  # fitting probes only, in frame order
+    assert list(cap.get_ydata()) == [1.25, 1.25]
+    assert [tuple(p) for c in mem.collections for p in c.get_offsets()] == [(768, 1.0)]  # one x: vanilla's OOM
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["vanilla", "mrsp", "memory cap", "out of memory"]
+    assert outside(fig, fig.legends[0], fig.axes)
+
+
+def test_bench_plot_of_one_frame_count_puts_response_tokens_on_x(tmp_path, monkeypatch):
+    from stages import bench_report
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    res = [{"mode": m, "frames": 512, "response_tokens": t, "oom": False, "seconds_per_step": t / 32 * (m == "vanilla")
+            + 1} for m in ("vanilla", "mrsp-shared") for t in (32, 128, 512)]
+    bench_report.plot(res, ["vanilla", "mrsp-shared"], tmp_path / "r.png", "CPU")
+    (fig,) = figures
+    (ax,) = fig.axes
+    assert ax.get_xlabel() == "response tokens per rollout" and list(ax.get_xticks()) == [32, 128, 512]
+    assert [list(line.get_xdata()) for line in ax.get_lines()] == [[32, 128, 512]] * 2
+    assert list(ax.get_lines()[0].get_ydata()) == [2.0, 5.0, 17.0]
 
 
 def test_filter_histogram_axis_is_zero_to_one(tmp_path, monkeypatch):

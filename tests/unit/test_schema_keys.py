@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 STAGE_MODULES = {"synth": ["stages/synth.py", "stages/data/synth*.py"],
                  "caption": ["stages/caption.py"], "generate-qa": ["stages/generate_qa.py"],
                  "filter": ["stages/filter.py"], "sft": ["stages/sft.py"], "rl": ["stages/rl.py"],
-                 "eval": ["stages/eval.py", "stages/evalkit/*.py"], "bench-mrsp": ["stages/bench_mrsp.py"],
+                 "eval": ["stages/eval.py", "stages/evalkit/*.py"], "bench-mrsp": ["stages/bench_mrsp.py", "stages/bench_report.py"],
                  "bench-components": ["stages/bench_components.py"]}
 # what every model stage shares: the setup, the runtime, the CLI (output, launch, hub)
 SHARED = ["stages/setup.py", "stages/mrsp/*.py", "lvr_cli/*.py", "stages/backends/*.py", "stages/data/video.py"]
