@@ -25,11 +25,13 @@ forward of GRPO recomputes by teacher forcing, so the two can be compared direct
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 
 from stages.models.adapter import VideoEmbedding, VLAdapter
+from stages.mrsp.shared_kv import SharedPrefixCache, shared_prefix_decoding
 
 
 @dataclass
@@ -126,8 +128,12 @@ def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
 class HFEngine:
     """Rollouts with the live transformers model: one prefill per prompt, G rows decoded together."""
 
-    def __init__(self, adapter: VLAdapter, banned_token_ids: list[int] | None = None):
+    def __init__(self, adapter: VLAdapter, banned_token_ids: list[int] | None = None,
+                 share_prefix_kv: bool = True):
         self.adapter = adapter
+        # True: decode over one copy of each prompt's KV cache (`shared_kv.py`); False: copy
+        # it into each of the prompt's n rows (`merge_caches`), the reference the tests compare to.
+        self.share_prefix_kv = share_prefix_kv
         # Vision special tokens must never be sampled: a response holding one would make
         # positions over prompt + response (get_rope_index) look for a video that is not there.
         if banned_token_ids is None:
@@ -217,7 +223,6 @@ class HFEngine:
             logits.append(self._next_logits(h[:, -1]).expand(n, -1))
             caches.append(cache)
             lengths.append(L)
-        cache, attention = merge_caches(caches, lengths, n)
         logits = torch.cat(logits)
         B = len(prompts) * n
         # row r of prompt k: position of decode step s is L_k + s + rope_delta_k
@@ -227,32 +232,33 @@ class HFEngine:
         tokens: list[list[int]] = [[] for _ in range(B)]
         logps: list[list[float]] = [[] for _ in range(B)]
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        for step in range(sampling.max_new_tokens):
-            logp = torch.log_softmax(logits, dim=-1)  # untempered, unbanned: what training recomputes
-            if banned.numel():
-                logits = logits.index_fill(-1, banned, float("-inf"))
-            if sampling.greedy or len(prompts) == 1:
-                nxt = sample_next(logits, sampling, generators[0])
-            else:
-                nxt = torch.full((B,), pad_id, dtype=torch.long, device=device)
-                for k, g in enumerate(generators):
-                    rows = slice(k * n, (k + 1) * n)
-                    if not bool(done[rows].all()):  # a finished prompt draws no more
-                        nxt[rows] = sample_next(logits[rows], sampling, g)
-            chosen = logp.gather(-1, nxt[:, None]).squeeze(-1)
-            for r in (~done).nonzero().flatten().tolist():
-                tokens[r].append(int(nxt[r]))
-                logps[r].append(float(chosen[r]))
-            done |= torch.isin(nxt, stop)
-            if bool(done.all()) or step + 1 == sampling.max_new_tokens:
-                break
-            feed = nxt.masked_fill(done, pad_id)  # finished rows are fed pad; their outputs are ignored
-            pos = (start + step)[None, :, None].expand(3, B, 1)
-            if attention is not None:
-                attention = torch.cat([attention, attention.new_ones(B, 1)], dim=1)
-            h, cache = a.hidden_states(feed[:, None], pos, cache=cache, use_cache=True, attention_mask=attention)
-            self.decode_steps += 1
-            logits = self._next_logits(h[:, -1])
+        with self._decode_cache(caches, lengths, n, sampling.max_new_tokens - 1) as (cache, attention):
+            for step in range(sampling.max_new_tokens):
+                logp = torch.log_softmax(logits, dim=-1)  # untempered, unbanned: what training recomputes
+                if banned.numel():
+                    logits = logits.index_fill(-1, banned, float("-inf"))
+                if sampling.greedy or len(prompts) == 1:
+                    nxt = sample_next(logits, sampling, generators[0])
+                else:
+                    nxt = torch.full((B,), pad_id, dtype=torch.long, device=device)
+                    for k, g in enumerate(generators):
+                        rows = slice(k * n, (k + 1) * n)
+                        if not bool(done[rows].all()):  # a finished prompt draws no more
+                            nxt[rows] = sample_next(logits[rows], sampling, g)
+                chosen = logp.gather(-1, nxt[:, None]).squeeze(-1)
+                for r in (~done).nonzero().flatten().tolist():
+                    tokens[r].append(int(nxt[r]))
+                    logps[r].append(float(chosen[r]))
+                done |= torch.isin(nxt, stop)
+                if bool(done.all()) or step + 1 == sampling.max_new_tokens:
+                    break
+                feed = nxt.masked_fill(done, pad_id)  # finished rows are fed pad; their outputs are ignored
+                pos = (start + step)[None, :, None].expand(3, B, 1)
+                if attention is not None:
+                    attention = torch.cat([attention, attention.new_ones(B, 1)], dim=1)
+                h, cache = a.hidden_states(feed[:, None], pos, cache=cache, use_cache=True, attention_mask=attention)
+                self.decode_steps += 1
+                logits = self._next_logits(h[:, -1])
 
         stop_set = set(stop_ids)
         out = []
@@ -265,6 +271,18 @@ class HFEngine:
                 group.append(Rollout(p.key, tokens[r], logps[r], finished, text))
             out.append(group)
         return out
+
+    @contextlib.contextmanager
+    def _decode_cache(self, caches: list, lengths: list[int], n: int, max_steps: int):
+        """Yield `(cache, attention_mask)` to decode the prompts' `n` rows from their one-row
+        prefill caches: one shared copy of each prompt's K/V under shared-prefix attention
+        (`share_prefix_kv`), else the copy into every row of `merge_caches`."""
+        if not self.share_prefix_kv:
+            yield merge_caches(caches, lengths, n)
+            return
+        cache = SharedPrefixCache.from_prompt_caches(caches, lengths, n, max_steps)
+        with shared_prefix_decoding(self.adapter.model, cache):
+            yield cache, None
 
     @staticmethod
     def _generator(sampling: Sampling, stream: int, device) -> torch.Generator | None:

@@ -1,0 +1,200 @@
+"""Shared-prefix decoding: a prompt's KV cache stored once, read by all G rows of its group.
+
+The rollout of a group decodes G continuations of one long (video) prompt. Copying the
+prompt's keys and values into each row (`repeat_interleave`) costs G times the prompt's KV
+memory, and each decode step reads G copies of it. Here the cache holds, per layer,
+
+    prefix:  [P, Hkv, Lmax, D]   one copy of each of the P prompts' K/V (right-padded to the
+                                 longest, padding masked), whatever n is
+    suffix:  [P*n, Hkv, S, D]    each row's own generated tokens (S = decode steps so far)
+
+and each decode step's attention is computed in two parts and merged exactly:
+
+    prefix:  the n rows' queries of a prompt, all query heads of a KV head together
+             ([Hkv, n*g, D], g = Hq / Hkv), against that prompt's one K/V copy
+    suffix:  each row's query against its own generated K/V
+    merge:   out = (o1 * exp(lse1 - lse) + o2 * exp(lse2 - lse)),  lse = logaddexp(lse1, lse2)
+
+the log-sum-exp combination of two partial softmaxes (flash-decoding's split-K merge), equal
+to one softmax over prefix + suffix up to rounding.
+
+It plugs in like `ulysses.py`: `shared_prefix_decoding(model, cache)` switches the language
+model's attention to the function registered as `lvr_shared_prefix` for the decode steps; the
+model's attention layers call `cache.update(k, v, layer_idx)` as they would a
+`DynamicCache`'s, which appends the step's K/V to the suffix and returns it, and the
+attention function reads the prefix of the same layer from the cache. Positions are the
+caller's (`position_ids` given), so no cache length is ever asked for; a custom attention
+name makes transformers' `create_causal_mask` return no mask, and none is needed: the
+prefix padding is masked here, and every row has the same number of suffix tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+
+NAME = "lvr_shared_prefix"
+_state = threading.local()
+
+
+def decode_attention(query: torch.Tensor, prefix_keys: torch.Tensor, prefix_values: torch.Tensor,
+                     prefix_valid: torch.Tensor | None, suffix_keys: torch.Tensor, suffix_values: torch.Tensor,
+                     scaling: float) -> torch.Tensor:
+    """Return one decode step's attention output `[B, 1, Hq, D]` over each row's prompt prefix
+    (shared by the prompt's rows) followed by the row's own suffix.
+
+    query: `[B, Hq, 1, D]`, B = P * n rows, prompt-major (rows k*n .. k*n+n-1 belong to prompt k).
+    prefix_keys / prefix_values: `[P, Hkv, Lmax, D]`; prefix_valid: `[P, Lmax]` bool (False
+        at padding), None when no prompt is padded.
+    suffix_keys / suffix_values: `[B, Hkv, S, D]`, S >= 1.
+    Hq must be a multiple of Hkv (query head h reads KV head h // (Hq / Hkv), as transformers'
+    `repeat_kv` lays them out). Softmax statistics are float32; the output has query's dtype.
+    """
+    B, Hq, one, D = query.shape
+    P, Hkv, Lmax, _ = prefix_keys.shape
+    if one != 1:
+        raise ValueError(f"shared-prefix attention decodes one token per row, got {one}")
+    if B % P or Hq % Hkv:
+        raise ValueError(f"{B} rows for {P} prompts, {Hq} query heads for {Hkv} KV heads")
+    n, g = B // P, Hq // Hkv
+    q = query.float().view(B, Hkv, g, D)
+
+    # prefix: a prompt's n rows x g heads query its one K/V copy together
+    qp = q.view(P, n, Hkv, g, D).transpose(1, 2).reshape(P, Hkv, n * g, D)
+    scores = torch.matmul(qp, prefix_keys.float().transpose(-1, -2)).mul_(scaling)  # [P, Hkv, n*g, Lmax]
+    if prefix_valid is not None:
+        scores.masked_fill_(~prefix_valid[:, None, None, :], float("-inf"))
+    o1, lse1 = _partial_softmax(scores, prefix_values)
+    o1 = o1.view(P, Hkv, n, g, D).transpose(1, 2).reshape(B, Hkv, g, D)
+    lse1 = lse1.view(P, Hkv, n, g, 1).transpose(1, 2).reshape(B, Hkv, g, 1)
+
+    # suffix: each row against its own generated tokens
+    scores = torch.matmul(q, suffix_keys.float().transpose(-1, -2)).mul_(scaling)  # [B, Hkv, g, S]
+    o2, lse2 = _partial_softmax(scores, suffix_values)
+
+    lse = torch.logaddexp(lse1, lse2)
+    out = o1 * torch.exp(lse1 - lse) + o2 * torch.exp(lse2 - lse)  # [B, Hkv, g, D]
+    return out.reshape(B, 1, Hq, D).to(query.dtype)
+
+
+def _partial_softmax(scores: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return `(softmax(scores) @ values, logsumexp(scores))` of scores `[..., M, L]` (float32),
+    values `[..., L, D]`; the log-sum-exp keeps a trailing dim of 1."""
+    top = scores.amax(dim=-1, keepdim=True)
+    weights = torch.exp(scores - top)
+    total = weights.sum(dim=-1, keepdim=True)
+    out = torch.matmul(weights, values.float()).div_(total)
+    return out, top + torch.log(total)
+
+
+class SharedPrefixLayer:
+    """One layer's shared prefix K/V and its rows' suffix K/V (preallocated for `max_steps`)."""
+
+    def __init__(self, prefix_keys: torch.Tensor, prefix_values: torch.Tensor, rows: int, max_steps: int):
+        self.prefix_keys, self.prefix_values = prefix_keys, prefix_values
+        P, Hkv, _, D = prefix_keys.shape
+        self.suffix_keys = prefix_keys.new_empty(rows, Hkv, max_steps, D)
+        self.suffix_values = prefix_values.new_empty(rows, Hkv, max_steps, D)
+        self.steps = 0
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append one step's `[rows, Hkv, 1, D]` K/V to the suffix; return the suffix so far."""
+        if keys.shape[2] != 1:
+            raise ValueError(f"the shared-prefix cache takes one token per row per step, got {keys.shape[2]}")
+        if self.steps == self.suffix_keys.shape[2]:
+            raise RuntimeError(f"shared-prefix cache is full ({self.steps} decode steps)")
+        self.suffix_keys[:, :, self.steps] = keys[:, :, 0]
+        self.suffix_values[:, :, self.steps] = values[:, :, 0]
+        self.steps += 1
+        return self.suffix_keys[:, :, :self.steps], self.suffix_values[:, :, :self.steps]
+
+
+class SharedPrefixCache:
+    """KV cache of P prompts x n rows for decoding: each prompt's K/V once (`prefix`), each
+    row's generated K/V apart (`suffix`). The model's attention layers call `update` as they
+    would a transformers `Cache`'s; only `shared_prefix_decoding` attention can read it."""
+
+    def __init__(self, layers: list[SharedPrefixLayer], prefix_valid: torch.Tensor | None, n: int):
+        self.layers, self.prefix_valid, self.n = layers, prefix_valid, n
+
+    @classmethod
+    def from_prompt_caches(cls, caches: list, lengths: list[int], n: int, max_steps: int) -> "SharedPrefixCache":
+        """Build from the prompts' one-row prefill caches (transformers `DynamicCache`s of
+        lengths `lengths`): the prompts' K/V are stacked (right-padded to the longest), not
+        repeated, and each prompt's own tensors are released layer by layer."""
+        from transformers.cache_utils import DynamicLayer
+
+        if any(type(layer) is not DynamicLayer for c in caches for layer in c.layers):
+            raise NotImplementedError("shared-prefix decoding needs full (not sliding-window) KV cache layers")
+        longest = max(lengths)
+        rows = len(caches) * n
+        layers = []
+        for i in range(len(caches[0].layers)):
+            def stacked(name: str) -> torch.Tensor:  # each prompt's [1, Hkv, L_k, D]
+                parts = [getattr(c.layers[i], name) for c in caches]
+                if len(parts) == 1:
+                    return parts[0]
+                return torch.cat([torch.nn.functional.pad(t, (0, 0, 0, longest - t.shape[2])) for t in parts])
+
+            keys, values = stacked("keys"), stacked("values")
+            for c in caches:
+                c.layers[i].keys = c.layers[i].values = None
+            layers.append(SharedPrefixLayer(keys, values, rows, max_steps))
+        valid = None
+        if any(L != longest for L in lengths):
+            device = layers[0].prefix_keys.device
+            valid = torch.stack([torch.arange(longest, device=device) < L for L in lengths])
+        return cls(layers, valid, n)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append a decode step's K/V `[rows, Hkv, 1, D]` of layer `layer_idx`; return that
+        layer's suffix K/V so far (the prefix is read by the attention function)."""
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def prefix_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.prefix_keys, layer.prefix_values))
+
+    def suffix_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.suffix_keys, layer.suffix_values))
+
+
+def shared_prefix_attention(module, query, key, value, attention_mask=None, dropout: float = 0.0,
+                            scaling: float | None = None, **kwargs):
+    """Attention of one decode step: `query [B, Hq, 1, D]` against the active cache's prefix of
+    `module.layer_idx` and `key`/`value`, the rows' suffix K/V the cache's `update` returned.
+    Returns `(out [B, 1, Hq, D], None)` like transformers' sdpa function."""
+    cache = getattr(_state, "cache", None)
+    if cache is None:
+        raise RuntimeError("lvr_shared_prefix attention used outside shared_prefix_decoding()")
+    if attention_mask is not None:
+        raise ValueError("lvr_shared_prefix attention takes no attention mask (prefix padding is the cache's)")
+    if getattr(module, "sliding_window", None):
+        raise NotImplementedError("shared-prefix decoding does not support sliding-window attention")
+    layer = cache.layers[module.layer_idx]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = decode_attention(query, layer.prefix_keys, layer.prefix_values, cache.prefix_valid, key, value, scale)
+    return out, None
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, shared_prefix_attention)
+
+
+@contextlib.contextmanager
+def shared_prefix_decoding(model, cache: SharedPrefixCache):
+    """Run the language model of `model` with shared-prefix attention over `cache` (decode
+    steps only: one new token per row); restore the previous attention afterwards."""
+    register()
+    text_config = model.config.get_text_config()
+    before = text_config._attn_implementation, getattr(_state, "cache", None)
+    text_config._attn_implementation = NAME
+    _state.cache = cache
+    try:
+        yield
+    finally:
+        text_config._attn_implementation, _state.cache = before
