@@ -246,9 +246,10 @@ class HFEngine:
                         if not bool(done[rows].all()):  # a finished prompt draws no more
                             nxt[rows] = sample_next(logits[rows], sampling, g)
                 chosen = logp.gather(-1, nxt[:, None]).squeeze(-1)
+                step_tokens, step_logps = nxt.tolist(), chosen.tolist()  # one transfer, not one per row
                 for r in (~done).nonzero().flatten().tolist():
-                    tokens[r].append(int(nxt[r]))
-                    logps[r].append(float(chosen[r]))
+                    tokens[r].append(step_tokens[r])
+                    logps[r].append(step_logps[r])
                 done |= torch.isin(nxt, stop)
                 if bool(done.all()) or step + 1 == sampling.max_new_tokens:
                     break
