@@ -169,10 +169,16 @@ class SharedPrefixCache:
         return self.layers[layer_idx].update(key_states, value_states)
 
     def prefix_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.prefix_keys, layer.prefix_values))
+        """Bytes of the prompts' K/V, all layers (one copy per prompt, whatever n is)."""
+        return sum(_nbytes(layer.prefix_keys) + _nbytes(layer.prefix_values) for layer in self.layers)
 
     def suffix_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.suffix_keys, layer.suffix_values))
+        """Bytes of the rows' preallocated generated-token K/V, all layers."""
+        return sum(_nbytes(layer.suffix_keys) + _nbytes(layer.suffix_values) for layer in self.layers)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def shared_prefix_attention(module, query, key, value, attention_mask=None, dropout: float = 0.0,

@@ -154,7 +154,8 @@ def test_cache_holds_one_copy_of_each_prompt(adapters, monkeypatch, count):
         assert suffix == count * n * steps * per_token  # the rows' own tokens: n x
         assert cache.prefix_bytes() == count * longest * per_token  # one copy per prompt
         totals[n] = _storage_bytes(_cache_tensors(cache)) - suffix
-    assert totals[1] == totals[G] == totals[8] == count * longest * per_token + (count * longest * 4 if count > 1 else 0)
+    mask = count * longest * 4 if count > 1 else 0  # the fp32 padding mask
+    assert totals[1] == totals[G] == totals[8] == count * longest * per_token + mask
 
     # the copy path's cache of the same prompts does grow with n
     copied = []
