@@ -172,8 +172,8 @@ def breakdown(d: Dims, s: Scenario, frames: int) -> Breakdown:
         alone = pm.vision_nograd_bytes(d, b, patches)  # a rollout engine encodes its prompt's video alone
         if s.grouped:
             prefill = pm.nograd_per_token(d, b) * P + kv * P
-            decode = kv * G * (P + T) * (1 + 1 / d.layers)  # + one layer's copy while the cache grows
-            rollout = {"prefill (no grad) + KV": prefill} if prefill > decode else {"KV cache, G rows": decode}
+            decode = pm.kv_cache_bytes(d, b, G, P, T, True)  # the prompt's K/V once, each row's own tokens
+            rollout = {"prefill (no grad) + KV": prefill} if prefill > decode else {"KV cache, prompt + G rows": decode}
         else:  # vanilla: every rollout encodes and prefills on its own
             rollout = {"prefill (no grad) + KV, 1 row": pm.nograd_per_token(d, b) * P + kv * (P + T)}
         if not s.reuse:

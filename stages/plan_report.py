@@ -92,9 +92,9 @@ def gpu_report(d: Dims, recipe, gpu: Gpu, name: str) -> list[str]:
         lines.append(f"largest frame count that fits on {name}: {fits}")
         if s0.rollouts and s0.grouped:
             lines.append(f"rollout KV cache of one group at {frames} frames: "
-                         f"{gib(pm.kv_cache_bytes(d, s0.b, s0.G, P, s0.T, False))} GiB in lvr's hf engine (prompt "
-                         f"copied into the G rows), {gib(pm.kv_cache_bytes(d, s0.b, s0.G, P, s0.T, True))} GiB "
-                         f"with the prompt's cache shared")
+                         f"{gib(pm.kv_cache_bytes(d, s0.b, s0.G, P, s0.T, True))} GiB in lvr's hf engine (the "
+                         f"prompt's cache shared by the G rows), {gib(pm.kv_cache_bytes(d, s0.b, s0.G, P, s0.T, False))}"
+                         f" GiB with it copied into each row (HFEngine(share_prefix_kv=False))")
         return lines
     lines.append(bench_table(d, recipe, pairs))
     best = next((s for s, _ in pairs if s.label == "mrsp-shared"), pairs[-1][0])
