@@ -160,9 +160,10 @@ class TrainEngine:
           gradient hooks in the order a real backward does (ZeRO-2 reduces each parameter's
           slice to its owner in hook order: a backward over the parameters in another order
           paired one rank's gradients with another parameter's on the other ranks). A vision
-          tower that trains gets a zero term too, before the forward, so its hooks fire last.
+          tower that trains encodes one temporal patch first (`fsdp.padding_encode`), so its
+          hooks fire after the language model's, in its own graph order.
         - Otherwise None: the plain engine averages whatever gradients exist at the step."""
-        from stages.mrsp.fsdp import padding_calls
+        from stages.mrsp.fsdp import padding_calls, padding_encode
 
         if self.units:
             from stages.mrsp.dist import all_reduce_sum
@@ -171,8 +172,8 @@ class TrainEngine:
             return padding_calls(self.model, most - calls)
         if self.ds is None or calls:
             return None
-        vision = [p for p in self.model.model.visual.parameters() if p.requires_grad]
-        tower = sum(p.sum() for p in vision) * 0.0 if vision else 0.0
+        tower = padding_encode(self.model) if any(p.requires_grad for p in self.model.model.visual.parameters()) \
+            else 0.0  # first, so its hooks fire after the language model's, as in a real backward
         return tower + padding_calls(self.model, 1)
 
     def state_mib(self) -> dict[str, float]:

@@ -110,6 +110,23 @@ def padding_calls(model, calls: int) -> torch.Tensor:
     return total
 
 
+def padding_encode(model) -> torch.Tensor:
+    """The vision tower run on one blank temporal patch of the smallest frame it takes (one
+    merged token), summed times zero: a rank without a video backwards through the tower in
+    the order a real encode does (`TrainEngine.padding_loss`)."""
+    vc = model.config.vision_config
+    side = vc.spatial_merge_size  # patches per side: one merged token
+    tower = model.model.visual
+    weight = next(tower.parameters())
+    pixels = torch.zeros(side * side, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2,
+                         dtype=weight.dtype, device=weight.device)
+    grid = torch.tensor([[1, side, side]], device=weight.device)
+    out = model.model.get_video_features(pixels, grid, return_dict=True)
+    deep = getattr(out, "deepstack_features", None) or []  # Qwen3-VL's per-level features
+    flat = [*out.pooler_output, *(t for d in deep for t in (d if isinstance(d, (tuple, list)) else (d,)))]
+    return sum(t.sum() for t in flat) * 0.0
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
