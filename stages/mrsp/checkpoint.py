@@ -29,6 +29,7 @@ import torch
 
 from stages.mrsp.dist import Grid, all_gather_objects, barrier
 from stages.mrsp.engine import TrainEngine
+from stages.mrsp.fsdp import full_state_dict, load_full_state, sharded
 from stages.mrsp.lora import LORA_DIR, has_lora, load_adapter_weights, save_pretrained
 from stages.mrsp.state_files import StateFileError, load_tree, save_tree
 
@@ -74,11 +75,7 @@ def save_state(engine: TrainEngine, folder: Path, tokenizer, state: dict) -> Non
 def full_weights(model) -> dict[str, torch.Tensor] | None:
     """A sharded model's full weights on rank 0 (every rank must call; `{}` on the others);
     None when the model is not sharded (`save_pretrained` reads the model itself)."""
-    if getattr(model, "lvr_call", None) is None:
-        return None
-    from stages.mrsp.fsdp import full_state_dict
-
-    return full_state_dict(model)
+    return full_state_dict(model) if sharded(model) else None
 
 
 def deepspeed_state(engine: TrainEngine) -> dict:
@@ -206,9 +203,7 @@ def load_model_weights(model, folder: Path) -> None:
     if unexpected:
         raise CheckpointError(f"{folder}: unexpected weights {unexpected[:3]}")
     named = {by_saved[k]: v for k, v in weights.items()}
-    if getattr(model, "lvr_call", None) is not None:  # sharded (fsdp.py): each rank copies in its rows
-        from stages.mrsp.fsdp import load_full_state
-
+    if sharded(model):  # each rank copies in its rows
         missing, _ = load_full_state(model, named)
         if missing:
             raise CheckpointError(f"{folder}: weights missing {missing[:3]}")

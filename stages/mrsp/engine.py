@@ -18,8 +18,11 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributed.tensor import DTensor
 
-from stages.mrsp.dist import Grid, average_gradients, ensure_process_group
+from stages.mrsp.dist import Grid, all_reduce_sum, average_gradients, ensure_process_group
+from stages.mrsp.fsdp import (gathered, grad_norm_and_clip, local, padding_calls, padding_encode,
+                              shard_model)
 from stages.mrsp.lora import apply_lora
 
 
@@ -106,8 +109,6 @@ class TrainEngine:
         self.checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
         self.units: list = []  # FSDP units, root last (fsdp2 only)
         if kind == "fsdp2":
-            from stages.mrsp.fsdp import shard_model
-
             ensure_process_group()
             self.units = shard_model(model, trains=True)
             params = [p for p in model.parameters() if p.requires_grad]  # the sharded ones now
@@ -145,8 +146,6 @@ class TrainEngine:
     def gathered(self):
         """A block of forwards without gradients on full weights (`fsdp.gathered`); nothing to
         do when the weights are not sharded."""
-        from stages.mrsp.fsdp import gathered
-
         return gathered(self.units)
 
     def padding_loss(self, calls: int) -> torch.Tensor | None:
@@ -163,11 +162,7 @@ class TrainEngine:
           tower that trains encodes one temporal patch first (`fsdp.padding_encode`), so its
           hooks fire after the language model's, in its own graph order.
         - Otherwise None: the plain engine averages whatever gradients exist at the step."""
-        from stages.mrsp.fsdp import padding_calls, padding_encode
-
         if self.units:
-            from stages.mrsp.dist import all_reduce_sum
-
             most = int(all_reduce_sum([calls], self.grid, op="max")[0])
             return padding_calls(self.model, most - calls)
         if self.ds is None or calls:
@@ -180,8 +175,6 @@ class TrainEngine:
         """MiB this rank holds for the weights and for the optimizer state (AdamW's moments and,
         under DeepSpeed, its fp32 partition), each storage counted once: what sharding divides.
         Gradients are left out: every engine frees them after each optimizer step."""
-        from stages.mrsp.fsdp import local
-
         seen: set[int] = set()
 
         def mib(tensors) -> float:
@@ -228,10 +221,6 @@ class TrainEngine:
             return False
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.units:  # FSDP reduced (averaged) the sharded gradients in the backward
-            from torch.distributed.tensor import DTensor
-
-            from stages.mrsp.fsdp import grad_norm_and_clip
-
             replicated = [p for p in params if not isinstance(p, DTensor)]
             average_gradients(replicated, self.grid)
             sharded = [p for p in params if isinstance(p, DTensor)]

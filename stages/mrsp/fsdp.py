@@ -36,6 +36,11 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from stages.mrsp.dist import Grid, all_reduce_sum
 
 
+def sharded(model) -> bool:
+    """Whether `shard_model` sharded `model`."""
+    return hasattr(model, "lvr_call")
+
+
 def lm_call(fn, *args, **kwargs):
     """Run `fn`: bound to a sharded model as `lvr_call`, it runs as one FSDP forward of the root."""
     return fn(*args, **kwargs)

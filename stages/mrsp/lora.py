@@ -101,8 +101,9 @@ def load_adapter_weights(model, folder: Path) -> None:
     if not path.exists():
         raise RuntimeError(f"{folder}: no {LORA_DIR}/adapter_model.safetensors to resume the LoRA weights from")
     state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(path).items()}
-    if getattr(model, "lvr_call", None) is not None:  # sharded (fsdp.py): each rank copies in its rows
-        from stages.mrsp.fsdp import load_full_state
+    from stages.mrsp.fsdp import load_full_state, sharded
+
+    if sharded(model):  # each rank copies in its rows
 
         named = {k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
                  for k, v in state.items()}

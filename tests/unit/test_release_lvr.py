@@ -14,8 +14,6 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-import av
-import numpy as np
 import pytest
 
 from lvr_cli.recipes import load_recipe
@@ -26,6 +24,7 @@ from stages import filter as filt
 from stages.algo.rewards import combined_reward
 from stages.data.records import answer_target, iter_records, read_records
 from stages.evalkit.scoring import official_answer
+from tests.unit.test_eval_formats import write_video
 
 OPTIONS = "A. A red square crosses the screen.\nB. The screen turns green.\nC. A blue circle appears.\nD. Nothing moves."
 CLIPS = [("longvideo_eval_subset0", "clip0.mp4", "libx264"), ("longvideo_eval_subset1", "clip1.webm", "libvpx"),
@@ -54,24 +53,13 @@ REASONS = {379: "no 'A. ...' option lines, but the answer 'C' names an option",
            147: "breaks the A, B, C order after A"}
 
 
-def write_video(path: Path, codec: str, frames: int = 8, size: int = 56, fps: int = 2) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w") as c:
-        s = c.add_stream(codec, rate=fps)
-        s.width = s.height = size
-        s.pix_fmt = "yuv420p"
-        for i in range(frames):
-            c.mux(s.encode(av.VideoFrame.from_ndarray(np.full((size, size, 3), 30 * i, np.uint8), format="rgb24")))
-        c.mux(s.encode(None))
-
-
 @pytest.fixture(scope="module")
 def release(tmp_path_factory) -> Path:
     """`test.jsonl`, the same records as `test.json` (a JSON array, one element over several
     lines), and `videos/longvideo_eval_subset<N>/` as the archives extract."""
     root = tmp_path_factory.mktemp("release")
     for folder, name, codec in CLIPS:
-        write_video(root / "videos" / folder / name, codec)
+        write_video(root / "videos" / folder / name, codec=codec)
     (root / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     (root / "test.json").write_text(json.dumps(RECORDS, indent=2))
     return root
