@@ -71,10 +71,11 @@ def ulysses_attention(module, query, key, value, attention_mask=None, dropout: f
     if pad:
         zeros = query.new_zeros(B, pad, Ls, D)
         query, key, value = (torch.cat([t, zeros], dim=1) for t in (query, key, value))
-    # sequence-sharded -> head-sharded: scatter heads (dim 1), gather sequence (dim 2)
-    q = all_to_all(query, group, scatter_dim=1, gather_dim=2)
-    k = all_to_all(key, group, scatter_dim=1, gather_dim=2)
-    v = all_to_all(value, group, scatter_dim=1, gather_dim=2)
+    # sequence-sharded -> head-sharded: scatter heads (dim 1), gather sequence (dim 2), q, k
+    # and v in one exchange (rank r's part: its query heads, then its key and value heads)
+    parts = [t.reshape(B, sp, -1, Ls, D) for t in (query, key, value)]
+    qkv = all_to_all(torch.cat(parts, dim=2).flatten(1, 2), group, scatter_dim=1, gather_dim=2)
+    q, k, v = qkv.split([t.shape[2] for t in parts], dim=1)
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
