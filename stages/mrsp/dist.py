@@ -280,12 +280,25 @@ def gather_objects(obj, grid: Grid) -> list:
     return out or []
 
 
-def average_gradients(params, grid: Grid) -> None:
-    """Average gradients over the whole world (a parameter without one counts as zero)."""
+def average_gradients(params, grid: Grid, bucket_mib: float = 64) -> None:
+    """Average gradients over the whole world (a parameter without one counts as zero).
+
+    The gradients go out flattened into buckets of at most `bucket_mib` MiB per dtype (one
+    all-reduce per bucket, as DDP and DeepSpeed do, instead of one per parameter: on the
+    bench model 53 gloo all-reduces took 80 ms of a 1.2 s update, 1 took 24 ms)."""
     if not grid.distributed:
         return
+    buckets: dict[tuple, list[list[torch.Tensor]]] = {}  # (dtype, device) -> buckets
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        _collective("all_reduce", None, dist.all_reduce, p.grad)
-        p.grad /= grid.world_size
+        lists = buckets.setdefault((p.grad.dtype, p.grad.device), [[]])
+        if lists[-1] and sum(g.nbytes for g in lists[-1]) + p.grad.nbytes > bucket_mib * 2 ** 20:
+            lists.append([])
+        lists[-1].append(p.grad)
+    for grads in (b for lists in buckets.values() for b in lists):
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        _collective("all_reduce", None, dist.all_reduce, flat)
+        flat /= grid.world_size
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
