@@ -285,7 +285,7 @@ def average_gradients(params, grid: Grid, bucket_mib: float = 64) -> None:
 
     The gradients go out flattened into buckets of at most `bucket_mib` MiB per dtype (one
     all-reduce per bucket, as DDP and DeepSpeed do, instead of one per parameter: on the
-    bench model 53 gloo all-reduces took 80 ms of a 1.2 s update, 1 took 24 ms)."""
+    bench model, 53 gloo all-reduces took 80 ms of a 1.2 s update; bucketed, 3 took 19 ms)."""
     if not grid.distributed:
         return
     buckets: dict[tuple, list[list[torch.Tensor]]] = {}  # (dtype, device) -> buckets
