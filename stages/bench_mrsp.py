@@ -35,8 +35,7 @@ loss is minus the mean advantage, near 0 whatever the forward computed.
 
 Peak memory: CUDA's allocator peak on GPU (weights included); on CPU the resident-set
 high-water mark above the step's start (the step's decoded videos included, the weights
-not), sampled every 5 ms, as live memory: from one more step per cell after the timed ones,
-with glibc's mmap threshold fixed (`live_memory`). With `bench.memory_cap_gb` a step stops once the peak of any rank
+not), sampled every 5 ms. With `bench.memory_cap_gb` a step stops once the peak of any rank
 passes the cap (checked on every rank after each question of each phase, and between a
 question's update forward and its backward, the ranks agreeing on the largest peak, so all
 stop together), the cell is reported as OOM and the sweep goes on; then, per mode, `stages/bench_search.py` looks for the largest frame count under the
@@ -356,8 +355,6 @@ def run(recipe, run) -> dict:
                     bar.advance()
                 check_parity(row, frames, tokens)
     searches = search_caps(bench, results, run) if b.memory_cap_gb is not None else []
-    if grid.device.type == "cpu" and b.memory_cap_gb is None:
-        results = live_memory(bench, results, run)
     bench.memory.close()
     return report(recipe, run, grid, [with_mfu(r, peak) for r in results], peak, searches)
 
@@ -402,26 +399,6 @@ def search_caps(bench: Bench, results: list[dict], run) -> list[dict]:
                 for p in found["probes"]:
                     p["seconds_per_step"] = seconds[p["frames"]]
                 out.append({"mode": name, "response_tokens": tokens, **found})
-    return out
-
-
-def live_memory(bench: Bench, results: list[dict], run) -> list[dict]:
-    """CPU: each cell's peak memory again, from one more step (untimed) with the resident set
-    following live memory (`exact_rss_mode`, which cannot be undone: after every timed step).
-    Under glibc's default heap, where the steps are timed, the growth also counts what the
-    heap keeps of freed memory: mrsp-shared at 512 frames measured 0.23 to 0.29 GiB over four
-    runs, and 0.140 to 0.141 GiB as live memory. The timed steps' figure stays in the JSON as
-    `peak_rss_default_heap_gb`."""
-    exact_rss_mode()
-    out = []
-    with run.progress("bench-mrsp: live memory", len(results)) as bar:
-        for r in results:
-            if not r["oom"]:
-                res = gather_peak(bench_mode(bench, r["mode"], r["frames"], r["response_tokens"], 0, 1, parity=False),
-                                  bench.grid)
-                r = {**r, "peak_memory_gb": res["peak_memory_gb"], "peak_rss_default_heap_gb": r["peak_memory_gb"]}
-            out.append(r)
-            bar.advance()
     return out
 
 

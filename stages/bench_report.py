@@ -62,10 +62,8 @@ def memory_kind(grid: Grid, capped: bool) -> str:
     """What `peak_memory_gb` measures on this run's device."""
     if grid.device.type == "cuda":
         return "CUDA max_memory_allocated per rank (weights included)"
-    growth = "resident-set growth per rank above the step's start, glibc's mmap threshold fixed at 128 KiB"
-    if capped:
-        return f"{growth} (the whole run)"
-    return f"live memory: {growth}, in one more step per cell after the timed ones"
+    heap = "glibc mmap threshold fixed at 128 KiB" if capped else "glibc's default heap"
+    return f"resident-set growth per rank above the step's start ({heap})"
 
 
 def report(recipe, run, grid: Grid, results: list[dict], peak: dict, searches: list[dict]) -> dict:

@@ -27,13 +27,11 @@ def test_bench_writes_every_field_and_counts_encodes(tmp_path):
     data = json.loads((out / "t.json").read_text())
     assert (out / "t.png").stat().st_size > 0 and "| frames | mode |" in (out / "t.md").read_text()
     assert data["world_size"] == 2 and data["sp_size"] == 2
-    assert data["memory"].startswith("live memory")  # CPU without a cap: one more step per cell, exact RSS
     rows = {(x["mode"], x["frames"]): x for x in data["results"]}
     assert set(rows) == {(m, f) for m in MODES for f in (4, 8)}
     G = 3
     for (mode, frames), x in rows.items():
         assert FIELDS <= set(x) and not x["oom"]
-        assert x["peak_memory_gb"] > 0 and x["peak_rss_default_heap_gb"] > 0
         assert set(x["breakdown"]) == {"vision", "rollout", "old", "ref", "update"}
         assert x["seconds_per_step"] > 0
         # per video per step: vanilla encodes for each rollout and each sequence of 3 forwards
