@@ -19,6 +19,10 @@ class BenchSpec(Section):
     modes: list[BenchMode] = ["vanilla", "peer", "mrsp-1", "mrsp", "mrsp-shared", "mrsp-shared-2pass"]
     steps: PosInt = 2
     warmup_steps: NonNegInt = 1
+    # a cell keeps taking timed steps (median reported) until they add up to this many seconds,
+    # up to max_steps: fast cells get more samples, so a slow spell of the machine moves them less
+    min_seconds: Annotated[float, Field(ge=0)] = 0.0
+    max_steps: PosInt = 20
     # every rollout is this long (the bench's rollout.max_new_tokens); a list runs every
     # (mode, frames) cell at each length; a single int is read as a list of one
     response_tokens: Annotated[list[PosInt], Field(min_length=1)] = [16]
@@ -38,6 +42,8 @@ class BenchSpec(Section):
 
     @model_validator(mode="after")
     def _search(self):
+        if self.max_steps < self.steps:
+            raise ValueError(f"max_steps: give at least steps ({self.steps}), got {self.max_steps}")
         if len(set(self.response_tokens)) < len(self.response_tokens):
             raise ValueError(f"response_tokens: {self.response_tokens} repeats a length")
         if self.memory_cap_gb is None:

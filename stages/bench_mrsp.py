@@ -252,10 +252,11 @@ def reference_responses(qids: list[int], G: int, tokens: int) -> list[list[list[
 
 
 def bench_mode(bench: Bench, name: str, frames: int, tokens: int, warmup_steps: int, steps: int,
-               parity: bool = True) -> dict:
+               parity: bool = True, min_seconds: float = 0.0, max_steps: int = 0) -> dict:
     """One cell: `name` at `frames` frames and `tokens` response tokens, `warmup_steps` + `steps`
-    steps (the median of the latter); with `parity`, first the loss check on the reference
-    rollouts. A step whose peak passes `bench.memory_cap_gb` stops there: an OOM result."""
+    steps, more timed ones (up to `max_steps`) until they add up to `min_seconds`, the median
+    of the timed ones reported; with `parity`, first the loss check on the reference rollouts.
+    A step whose peak passes `bench.memory_cap_gb` stops there: an OOM result."""
     recipe, adapter = bench.recipe, bench.adapter
     b, algo = recipe.bench, recipe.algo
     mode_name, use_sp, reuse_old = MODES[name]
@@ -274,7 +275,9 @@ def bench_mode(bench: Bench, name: str, frames: int, tokens: int, warmup_steps: 
     times, first, counters, peak = [], (None, None), {}, 0.0
     cell = {"mode": name, "frames": frames, "response_tokens": tokens}
     try:
-        for step in range(warmup_steps + steps):
+        step = -1
+        while more_steps(step := step + 1, warmup_steps, steps, [t for t, _ in times], min_seconds, max_steps,
+                         grid):
             timers = dict.fromkeys(PHASES, 0.0)
             rewards = torch.cat([torch.rand(G, generator=torch.Generator().manual_seed(step * 100_003 + q))
                                  for q in qids])  # a question's rewards do not depend on the mode
@@ -320,13 +323,29 @@ def bench_mode(bench: Bench, name: str, frames: int, tokens: int, warmup_steps: 
                              prefills_per_question=1 if rt.mode.group_rollouts else G,
                              shared_prompt=rt.mode.shared_prompt, old_pass=not reuse_old)
     flops["step"] = sum(flops.values())
-    return {**cell, "flops": flops, "oom": False, "seconds_per_step": med, "breakdown": breakdown,
+    return {**cell, "flops": flops, "oom": False, "seconds_per_step": med, "timed_steps": len(times),
+            "breakdown": breakdown,
             "peak_memory_gb": peak, "vision_encodes_per_video": counters["vision_encodes"] / len(qids),
             "video_tokens": int(samples[0].prompt.input_ids.eq(adapter.video_token_id).sum()),
             "prompt_tokens": int(samples[0].prompt.input_ids.shape[0]), "first_step_loss": first[0],
             "first_step_logp": first[1],
             "questions_per_rank": len(qids), "train_forward_tokens": counters["train_forward_tokens"],
             "train_forward_tokens_unshared": counters["train_forward_tokens_unshared"]}
+
+
+def more_steps(step: int, warmup: int, steps: int, timed: list[float], min_seconds: float, max_steps: int,
+               grid: Grid) -> bool:
+    """Whether a cell takes step `step`: the warmup and `steps` timed ones, then more until the
+    timed ones add up to `min_seconds` (rank 0's clock decides for all: the ranks step
+    together), at most `max_steps` timed."""
+    if step < warmup + steps:
+        return True
+    if step >= warmup + max_steps or min_seconds <= 0:
+        return False
+    total = sum(timed) if grid.rank == 0 else 0.0
+    if grid.world_size > 1:
+        total = all_reduce_sum([total], grid)[0]
+    return total < min_seconds
 
 
 def run(recipe, run) -> dict:
@@ -348,7 +367,8 @@ def run(recipe, run) -> dict:
             for tokens in b.response_tokens:
                 row = []
                 for name in b.modes:
-                    res = gather_peak(bench_mode(bench, name, frames, tokens, b.warmup_steps, b.steps), grid)
+                    res = gather_peak(bench_mode(bench, name, frames, tokens, b.warmup_steps, b.steps,
+                                                 min_seconds=b.min_seconds, max_steps=b.max_steps), grid)
                     row.append(res)
                     results.append(res)
                     run.metric(len(results), **{k: v for k, v in res.items() if k != "breakdown"})

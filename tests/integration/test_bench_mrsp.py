@@ -18,7 +18,7 @@ MODES = ("vanilla", "peer", "mrsp-1", "mrsp", "mrsp-shared", "mrsp-shared-2pass"
 
 def test_bench_writes_every_field_and_counts_encodes(tmp_path):
     out = tmp_path / "bench"
-    r = run_lvr("bench-mrsp", "recipes/demo/bench.toml", "bench.frames=[4,8]", "bench.steps=1",
+    r = run_lvr("bench-mrsp", "recipes/demo/bench.toml", "bench.frames=[4,8]", "bench.steps=1", "bench.min_seconds=0",
                 'bench.modes=["vanilla","peer","mrsp-1","mrsp","mrsp-shared","mrsp-shared-2pass"]',
                 "bench.warmup_steps=0", "bench.response_tokens=4", "rollout.n=3", "bench.name=t",
                 f"bench.out_dir={json.dumps(str(out))}", f"output.dir={json.dumps(str(tmp_path / 'run'))}",
@@ -73,6 +73,7 @@ def test_response_tokens_list_runs_one_cell_per_length(tmp_path):
     out = tmp_path / "bench"
     r = run_lvr("bench-mrsp", "recipes/demo/bench.toml", "bench.frames=[4]", "bench.steps=1", "bench.warmup_steps=0",
                 'bench.modes=["vanilla","mrsp-shared"]', "bench.response_tokens=[2,6]", "rollout.n=2", "bench.name=t",
+                "bench.min_seconds=1.5", "bench.max_steps=3",
                 f"bench.out_dir={json.dumps(str(out))}", f"output.dir={json.dumps(str(tmp_path / 'run'))}",
                 timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -83,6 +84,8 @@ def test_response_tokens_list_runs_one_cell_per_length(tmp_path):
     G = 2
     for (mode, T), x in rows.items():
         assert x["frames"] == 4 and not x["oom"]
+        # timed steps until they add up to 1.5 s, at most 3: a cell faster than that took more than one
+        assert 1 <= x["timed_steps"] <= 3 and (x["timed_steps"] > 1 or x["seconds_per_step"] >= 1.5), x
         P, Q = x["prompt_tokens"], x["questions_per_rank"]
         passes = 2 if mode == "mrsp-shared" else 3
         # the rollouts were T tokens long: every training forward saw G responses of T tokens
@@ -102,6 +105,7 @@ def test_cap_search_finds_the_largest_video_under_the_cap(tmp_path):
     0.139 at 64, so a 0.1 GiB cap falls between the listed 8 frames and the 64 allowed."""
     out, cap, resolution = tmp_path / "bench", 0.1, 16
     r = run_lvr("bench-mrsp", "recipes/demo/bench.toml", "bench.frames=[8]", "bench.steps=1", "bench.warmup_steps=0",
+                "bench.min_seconds=0",
                 'bench.modes=["vanilla"]', "bench.response_tokens=2", "rollout.n=2", "bench.frame_size=112",
                 f"bench.memory_cap_gb={cap}", "bench.max_frames=64", f"bench.search_resolution_frames={resolution}",
                 "bench.name=t", f"bench.out_dir={json.dumps(str(out))}",
