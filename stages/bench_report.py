@@ -99,7 +99,8 @@ def report(recipe, run, grid: Grid, results: list[dict], peak: dict, searches: l
         data = {"name": b.name, "machine": machine, "model": recipe.model.path, "world_size": grid.world_size,
                 "sp_size": recipe.mrsp.sp_size, "rollout_n": recipe.rollout.n,
                 "response_tokens": lengths, "frame_size": b.frame_size, "steps": b.steps,
-                "min_seconds": b.min_seconds, "max_steps": b.max_steps, "warmup_steps": b.warmup_steps, "memory": memory, "peak_flops": peak, "results": results,
+                "min_seconds": b.min_seconds, "max_steps": b.max_steps, "warmup_steps": b.warmup_steps,
+                "memory": memory, "peak_flops": peak, "results": results,
                 "speedups": speedups, "env": env}
         if searches:
             data["cap_search"] = {"memory_cap_gb": b.memory_cap_gb, "resolution_frames": b.search_resolution_frames,
@@ -107,7 +108,8 @@ def report(recipe, run, grid: Grid, results: list[dict], peak: dict, searches: l
         tokens = (f"response tokens {', '.join(map(str, lengths))}" if several else f"{lengths[0]} response tokens")
         (out / f"{b.name}.json").write_text(json.dumps(data, indent=2) + "\n")
         (out / f"{b.name}.md").write_text(f"Machine: {machine}; model {recipe.model.path}; G = {recipe.rollout.n}, "
-                                         f"{tokens}, frames {b.frame_size}x{b.frame_size}; {timing(b)}; peak memory: {memory}."
+                                         f"{tokens}, frames {b.frame_size}x{b.frame_size}; {timing(b)}; "
+                                         f"peak memory: {memory}."
                                          "\n\n" + "\n\n".join(parts) + "\n")
         plot(results, modes, out / f"{b.name}.png", machine, searches, b.memory_cap_gb)
         for name in (f"{b.name}.json", f"{b.name}.md", f"{b.name}.png"):

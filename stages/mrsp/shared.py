@@ -36,8 +36,7 @@ bias and no mask.
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +82,7 @@ class SharedLayout:
 
     groups: tuple[GroupSpan, ...]
     length: int  # tokens of the packed sequence before padding
+    masks: dict = field(default_factory=dict, compare=False, repr=False)  # per group: built once per forward
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None,
                dropout_p: float) -> torch.Tensor:
@@ -98,7 +98,7 @@ class SharedLayout:
             if q.device.type == "cpu" and (b - a) * (b - p0) <= MASK_ELEMENTS:
                 # all responses in one call: [prompt; responses] keys under a [responses, keys] mask
                 pieces.append(F.scaled_dot_product_attention(
-                    q[:, :, a:b], k[:, :, p0:b], v[:, :, p0:b], attn_mask=response_mask(g, q.device),
+                    q[:, :, a:b], k[:, :, p0:b], v[:, :, p0:b], attn_mask=self.response_mask(g, q.device),
                     scale=scaling, dropout_p=dropout_p))
                 continue
             kp, vp = k[:, :, p0:p1], v[:, :, p0:p1]
@@ -113,21 +113,23 @@ class SharedLayout:
         return torch.cat(pieces, dim=2)
 
 
+    def response_mask(self, g: GroupSpan, device: torch.device) -> torch.Tensor:
+        """`[responses' tokens, prompt + responses' tokens]`: True where a response token may
+        look: the whole prompt, and its own response up to itself (built once per forward,
+        then reused by every layer)."""
+        if (g, device) not in self.masks:
+            (p0, p1), spans = g.prompt, [(r0, r1) for r0, r1 in g.responses if r1 > r0]
+            a, b = spans[0][0], spans[-1][1]
+            owner = torch.cat([torch.full((r1 - r0,), j) for j, (r0, r1) in enumerate(spans)])
+            at = torch.arange(a, b)
+            own = (owner[:, None] == owner[None, :]) & (at[None, :] <= at[:, None])
+            self.masks[(g, device)] = torch.cat([torch.ones(b - a, p1 - p0, dtype=torch.bool), own], dim=1).to(device)
+        return self.masks[(g, device)]
+
+
 # Largest `[response tokens, prompt + response tokens]` mask the CPU path builds for one
-# group (64 Mi booleans); past it, and on GPU, each response is its own masked call.
-MASK_ELEMENTS = 2 ** 26
-
-
-@functools.lru_cache(maxsize=64)
-def response_mask(g: GroupSpan, device: torch.device) -> torch.Tensor:
-    """`[responses' tokens, prompt + responses' tokens]`: True where a response token may
-    look: the whole prompt, and its own response up to itself."""
-    (p0, p1), spans = g.prompt, [(r0, r1) for r0, r1 in g.responses if r1 > r0]
-    a, b = spans[0][0], spans[-1][1]
-    owner = torch.cat([torch.full((r1 - r0,), j) for j, (r0, r1) in enumerate(spans)])
-    at = torch.arange(a, b)
-    own = (owner[:, None] == owner[None, :]) & (at[None, :] <= at[:, None])
-    return torch.cat([torch.ones(b - a, p1 - p0, dtype=torch.bool), own], dim=1).to(device)
+# group (16 Mi booleans); past it, and on GPU, each response is its own masked call.
+MASK_ELEMENTS = 2 ** 24
 
 
 def pack(groups: list[PromptGroup]) -> tuple[TokenBatch, SharedLayout, list[list[tuple[int, int]]]]:
