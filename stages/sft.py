@@ -6,12 +6,17 @@ the loss is the mean negative log-likelihood of the assistant tokens only (token
 over the micro-batch). Videos go through the MR-SP runtime: frames encoded sharded over
 the SP group, the sequence split over it for the forward and backward.
 
+A step's videos are all decoded before its first forward (as `lvr rl` does): when no rank
+can read any record of a step, the step is skipped with a message, and no optimizer step
+runs (AdamW would move the weights on a zero gradient: its moments and weight decay).
+
 Where it departs from the paper: the paper fine-tunes the vision tower too; here it is
 frozen by default (`model.freeze_vision`), as in its RL stage.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -43,6 +48,19 @@ def nll(rt: Runtime, samples: list[Sample], grad_vision: bool = False) -> tuple[
     return total, count
 
 
+def read_samples(rt: Runtime, records: list[dict], idx: list[int], video_dir: str, skipped: SkippedInputs
+                 ) -> list[Sample]:
+    """The records `idx` as samples (videos decoded); an unreadable one is noted in `skipped`
+    and left out."""
+    samples = []
+    for i in idx:
+        try:
+            samples.append(rt.sample(records[i], video_dir))
+        except (VideoDecodeError, KeyError, ValueError) as e:
+            skipped.skip(str(records[i].get("problem_id", i)), f"{type(e).__name__}: {e}")
+    return samples
+
+
 def run(recipe, run) -> dict:
     grid = open_grid(recipe)
     per_rank = recipe.train.global_batch // grid.dp_size
@@ -71,14 +89,15 @@ def run(recipe, run) -> dict:
             rt.new_step()
             rt.reset_counters()
             idx = step_records(len(records), step, recipe.train.global_batch, recipe.seed, grid.dp_rank, grid.dp_size)
+            batches = [read_samples(rt, records, idx[u:u + micro], video_dir, skipped)
+                       for u in range(0, per_rank, micro)]
             losses, tokens = [], 0
-            for u in range(0, per_rank, micro):
-                samples = []
-                for i in idx[u:u + micro]:
-                    try:
-                        samples.append(rt.sample(records[i], video_dir))
-                    except (VideoDecodeError, KeyError, ValueError) as e:
-                        skipped.skip(str(records[i].get("problem_id", i)), f"{type(e).__name__}: {e}")
+            if not all_reduce_sum([sum(map(len, batches))], grid)[0]:  # no rank could read any: no update
+                batches = []
+                if grid.is_main:
+                    print(f"step {step + 1}: no record of the step could be read; skipped (see errors.jsonl)",
+                          file=sys.stderr, flush=True)
+            for samples in batches:
                 # fewer forwards than other ranks (failed videos): one-token ones keep the collectives in step
                 padding = engine.padding_loss(rt.lm_forwards([[None]] * len(samples)))
                 if samples:
@@ -94,8 +113,8 @@ def run(recipe, run) -> dict:
             # the loss: a mean over the micro-batches that had inputs, on every rank
             loss_sum, loss_count = all_reduce_sum([sum(losses), len(losses)], grid)
             metrics = {"loss": loss_sum / loss_count} if loss_count else {}  # absent when nothing was read
-            metrics |= dp_mean({"target_tokens": float(tokens), "lr": engine.lr, "grad_norm": engine.last_grad_norm,
-                                "time/step": time.perf_counter() - t}, grid)
+            metrics |= dp_mean({"target_tokens": float(tokens), "lr": engine.lr, "time/step": time.perf_counter() - t}
+                               | ({"grad_norm": engine.last_grad_norm} if batches else {}), grid)
             metrics.update(rt.counters())
             if held_out and ((step + 1) % recipe.eval.every_steps == 0 or step + 1 == recipe.train.steps):
                 with engine.gathered():

@@ -189,8 +189,8 @@ def test_missing_videos_are_recorded_once_counted_and_keep_zero2_ranks_in_step(t
 
 def test_sft_counts_missing_videos_and_a_step_with_nothing_readable_is_skipped(tiny_data, tmp_path):
     """sft with missing videos (DeepSpeed, a micro-batch of one: some micro-batches empty) and
-    an unreadable held-out set: failed counted, no eval_loss; rl where no video of a step can
-    be read skips the step with a message (no update), exits 1."""
+    an unreadable held-out set: failed counted, no eval_loss; sft and rl where no video of a
+    step can be read skip the step with a message (no update), exit 1."""
     data = _with_missing_videos(tiny_data, tmp_path / "data", train_missing=2, eval_missing=True)
     recipe = tmp_path / "sft.toml"
     recipe.write_text(SFT.format(data=data, out=tmp_path / "sft").replace("limit = 2", "limit = 3"))
@@ -202,7 +202,24 @@ def test_sft_counts_missing_videos_and_a_step_with_nothing_readable_is_skipped(t
     assert [m["step"] for m in steps] == [1, 2, 3, 4] and not any("eval_loss" in m for m in steps)
     assert all(m["loss"] > 0 for m in steps if "loss" in m)
 
+    # sft where no video of a step can be read skips the step: no optimizer step (AdamW's weight
+    # decay alone would move every weight), the model ends as it began
     gone = _with_missing_videos(tiny_data, tmp_path / "gone", train_missing=99, eval_missing=False)
+    recipe = tmp_path / "sft_gone.toml"
+    recipe.write_text(SFT.format(data=gone, out=tmp_path / "sft_gone"))
+    r = lvr_rc("sft", recipe, "train.steps=2", "checkpoint.every_steps=2", "optim.weight_decay=0.1", rc=1)
+    assert r.stderr.count("no record of the step could be read; skipped") == 2
+    steps = metrics(tmp_path / "sft_gone")
+    assert [m["step"] for m in steps] == [1, 2] and not any("loss" in m or "grad_norm" in m for m in steps)
+    assert all(m["target_tokens"] == 0 for m in steps)
+    from safetensors.torch import load_file
+
+    from stages.models.adapter import resolve_model_path
+    final = Path(json.loads((tmp_path / "sft_gone" / "summary.json").read_text())["final"])
+    before = load_file(Path(resolve_model_path("tiny:qwen2.5-vl")) / "model.safetensors")
+    after = load_file(final / "model.safetensors")
+    assert set(before) == set(after) and all(torch.equal(before[k], after[k]) for k in before)
+
     recipe = tmp_path / "rl.toml"
     recipe.write_text(RL.format(data=gone, out=tmp_path / "rl"))
     r = lvr_rc("rl", recipe, "train.steps=2", "checkpoint.every_steps=2", "deepspeed.enabled=false", rc=1)
