@@ -54,7 +54,7 @@ from stages.mrsp.data_order import step_records
 from stages.mrsp.dist import all_gather_objects, all_reduce_sum, dp_mean
 from stages.mrsp.rollout import Sampling
 from stages.mrsp.runtime import Sample
-from stages.setup import InputError, open_grid, processor_source, setup
+from stages.setup import InputError, open_grid, processor_source, read_samples, setup
 from stages.skipped import SkippedInputs
 
 PHASES = ("vision", "rollout", "old", "ref", "update")
@@ -199,13 +199,8 @@ class GRPOTrainer:
     def load_samples(self, step: int) -> list[Sample]:
         """This rank's questions of `step`; an unreadable one is noted in `skipped` and left out."""
         r, grid = self.recipe, self.grid
-        samples = []
-        for i in step_records(len(self.records), step, r.train.global_batch, r.seed, grid.dp_rank, grid.dp_size):
-            try:
-                samples.append(self.rt.sample(self.records[i], self.video_dir))
-            except (VideoDecodeError, KeyError, ValueError) as e:
-                self.skipped.skip(str(self.records[i].get("problem_id", i)), f"{type(e).__name__}: {e}")
-        return samples
+        idx = step_records(len(self.records), step, r.train.global_batch, r.seed, grid.dp_rank, grid.dp_size)
+        return read_samples(self.rt, self.records, idx, self.video_dir, self.skipped)
 
     def skip_step(self, step: int) -> dict:
         """A step none of whose questions could be read on any rank: no rollouts, no update."""

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import torch
 
+from stages.data.video import VideoDecodeError
 from stages.models.adapter import VLAdapter, load_adapter, load_model, model_dtype, resolve_model_path
 from stages.mrsp.dist import Grid, init_grid
 from stages.mrsp.engine import TrainEngine
-from stages.mrsp.runtime import Mode, Runtime
+from stages.mrsp.runtime import Mode, Runtime, Sample
+from stages.skipped import SkippedInputs
 
 
 class InputError(Exception):
@@ -122,3 +124,16 @@ def setup(recipe, grid: Grid | None = None, *, reference: bool = False,
 
         ref_units = shard_model(ref.model, trains=False)
     return Setup(grid, adapter, rt, ref, engine, ref_units)
+
+
+def read_samples(rt: Runtime, records: list[dict], idx: list[int], video_dir: str, skipped: SkippedInputs
+                 ) -> list[Sample]:
+    """The records `idx` as samples (videos decoded); an unreadable one (its video, a missing
+    field, a bad value) is noted in `skipped` and left out."""
+    samples = []
+    for i in idx:
+        try:
+            samples.append(rt.sample(records[i], video_dir))
+        except (VideoDecodeError, KeyError, ValueError) as e:
+            skipped.skip(str(records[i].get("problem_id", i)), f"{type(e).__name__}: {e}")
+    return samples

@@ -28,7 +28,7 @@ from stages.mrsp.checkpoint import resume, save_checkpoint, save_final
 from stages.mrsp.data_order import step_records
 from stages.mrsp.dist import all_reduce_sum, dp_mean
 from stages.mrsp.runtime import Runtime, Sample
-from stages.setup import InputError, open_grid, processor_source, setup
+from stages.setup import InputError, open_grid, processor_source, read_samples, setup
 from stages.skipped import SkippedInputs
 
 
@@ -46,19 +46,6 @@ def nll(rt: Runtime, samples: list[Sample], grad_vision: bool = False) -> tuple[
         total = total + (-logp).sum()
         count += logp.shape[0]
     return total, count
-
-
-def read_samples(rt: Runtime, records: list[dict], idx: list[int], video_dir: str, skipped: SkippedInputs
-                 ) -> list[Sample]:
-    """The records `idx` as samples (videos decoded); an unreadable one is noted in `skipped`
-    and left out."""
-    samples = []
-    for i in idx:
-        try:
-            samples.append(rt.sample(records[i], video_dir))
-        except (VideoDecodeError, KeyError, ValueError) as e:
-            skipped.skip(str(records[i].get("problem_id", i)), f"{type(e).__name__}: {e}")
-    return samples
 
 
 def run(recipe, run) -> dict:
