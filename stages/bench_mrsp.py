@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import itertools
 import os
 import statistics
 import threading
@@ -275,9 +276,9 @@ def bench_mode(bench: Bench, name: str, frames: int, tokens: int, warmup_steps: 
     times, first, counters, peak = [], (None, None), {}, 0.0
     cell = {"mode": name, "frames": frames, "response_tokens": tokens}
     try:
-        step = -1
-        while more_steps(step := step + 1, warmup_steps, steps, [t for t, _ in times], min_seconds, max_steps,
-                         grid):
+        for step in itertools.count():
+            if not more_steps(step, warmup_steps, steps, [t for t, _ in times], min_seconds, max_steps, grid):
+                break
             timers = dict.fromkeys(PHASES, 0.0)
             rewards = torch.cat([torch.rand(G, generator=torch.Generator().manual_seed(step * 100_003 + q))
                                  for q in qids])  # a question's rewards do not depend on the mode

@@ -37,7 +37,6 @@ Where it departs from the paper:
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,13 +47,12 @@ from stages.algo.grpo import (group_advantages, grpo_loss, kl_in_reward, loss_de
                               pad_rows)
 from stages.algo.rewards import combined_reward
 from stages.data.records import CATEGORIES, read_records
-from stages.data.video import VideoDecodeError
 from stages.mrsp.checkpoint import resume, save_checkpoint, save_final
 from stages.mrsp.data_order import step_records
 from stages.mrsp.dist import all_gather_objects, all_reduce_sum, dp_mean
 from stages.mrsp.rollout import Sampling
 from stages.mrsp.runtime import Sample
-from stages.setup import InputError, open_grid, processor_source, read_samples, setup
+from stages.setup import UNREADABLE, InputError, open_grid, processor_source, read_samples, setup
 from stages.skipped import SkippedInputs
 
 PHASES = ("vision", "rollout", "old", "ref", "update")
@@ -146,8 +144,8 @@ class GRPOTrainer:
 
         # 1. the step's questions and their videos (encoded once, sharded over the SP group)
         b = StepBatch(self.load_samples(step))
-        if not all_reduce_sum([len(b.samples)], self.grid)[0]:  # no rank could read any: no update
-            return self.skip_step(step)
+        if self.skipped.none_read(len(b.samples), step, "question"):  # no rollouts, no update
+            return {"questions": 0, "lr": self.engine.lr}
         with Timer(b.timers, "vision"), torch.no_grad():
             for s in b.samples:
                 rt.embed(s)
@@ -201,13 +199,6 @@ class GRPOTrainer:
         r, grid = self.recipe, self.grid
         idx = step_records(len(self.records), step, r.train.global_batch, r.seed, grid.dp_rank, grid.dp_size)
         return read_samples(self.rt, self.records, idx, self.video_dir, self.skipped)
-
-    def skip_step(self, step: int) -> dict:
-        """A step none of whose questions could be read on any rank: no rollouts, no update."""
-        if self.grid.is_main:
-            print(f"step {step + 1}: no question of the step could be read; skipped (see errors.jsonl)",
-                  file=sys.stderr, flush=True)
-        return {"questions": 0, "lr": self.engine.lr}
 
     def sampling(self, step: int) -> Sampling:
         """The step's sampling; a question's seed is its place in the global batch (`generate`'s
@@ -286,7 +277,7 @@ def held_out_accuracy(rt, records: list[dict], recipe, grid, skipped: SkippedInp
     for i, rec in enumerate(records[grid.dp_rank::grid.dp_size]):
         try:
             sample = rt.sample(rec, video_dir)
-        except (VideoDecodeError, KeyError, ValueError) as e:
+        except UNREADABLE as e:
             skipped.skip(f"eval:{rec.get('problem_id', grid.dp_rank + i * grid.dp_size)}", f"{type(e).__name__}: {e}")
             continue
         (rollout,), = rt.generate([sample], 1, greedy)

@@ -19,8 +19,13 @@ from stages.data.video import VideoDecodeError
 from stages.models.adapter import VLAdapter, load_adapter, load_model, model_dtype, resolve_model_path
 from stages.mrsp.dist import Grid, init_grid
 from stages.mrsp.engine import TrainEngine
+from stages.mrsp.fsdp import gathered, shard_model
 from stages.mrsp.runtime import Mode, Runtime, Sample
 from stages.skipped import SkippedInputs
+
+
+# What makes a record unreadable for a training stage: its video, a missing field, a bad value.
+UNREADABLE = (VideoDecodeError, KeyError, ValueError)
 
 
 class InputError(Exception):
@@ -40,8 +45,6 @@ class Setup:
 
     def ref_gathered(self):
         """A block of reference forwards on its full weights (`fsdp.gathered`; nothing when not sharded)."""
-        from stages.mrsp.fsdp import gathered
-
         return gathered(self.ref_units)
 
 
@@ -120,20 +123,18 @@ def setup(recipe, grid: Grid | None = None, *, reference: bool = False,
     engine = make_engine(recipe, adapter, rt, *train) if train else None
     ref_units = []
     if ref is not None and engine is not None and engine.sharded:  # the frozen reference is sharded too
-        from stages.mrsp.fsdp import shard_model
-
         ref_units = shard_model(ref.model, trains=False)
     return Setup(grid, adapter, rt, ref, engine, ref_units)
 
 
 def read_samples(rt: Runtime, records: list[dict], idx: list[int], video_dir: str, skipped: SkippedInputs
                  ) -> list[Sample]:
-    """The records `idx` as samples (videos decoded); an unreadable one (its video, a missing
-    field, a bad value) is noted in `skipped` and left out."""
+    """The records `idx` as samples (videos decoded); an unreadable one (`UNREADABLE`) is noted
+    in `skipped` and left out."""
     samples = []
     for i in idx:
         try:
             samples.append(rt.sample(records[i], video_dir))
-        except (VideoDecodeError, KeyError, ValueError) as e:
+        except UNREADABLE as e:
             skipped.skip(str(records[i].get("problem_id", i)), f"{type(e).__name__}: {e}")
     return samples

@@ -16,19 +16,17 @@ frozen by default (`model.freeze_vision`), as in its RL stage.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from stages.data.records import answer_target, read_records
-from stages.data.video import VideoDecodeError
 from stages.mrsp.checkpoint import resume, save_checkpoint, save_final
 from stages.mrsp.data_order import step_records
 from stages.mrsp.dist import all_reduce_sum, dp_mean
 from stages.mrsp.runtime import Runtime, Sample
-from stages.setup import InputError, open_grid, processor_source, read_samples, setup
+from stages.setup import UNREADABLE, InputError, open_grid, processor_source, read_samples, setup
 from stages.skipped import SkippedInputs
 
 
@@ -79,11 +77,8 @@ def run(recipe, run) -> dict:
             batches = [read_samples(rt, records, idx[u:u + micro], video_dir, skipped)
                        for u in range(0, per_rank, micro)]
             losses, tokens = [], 0
-            if not all_reduce_sum([sum(map(len, batches))], grid)[0]:  # no rank could read any: no update
+            if skipped.none_read(sum(map(len, batches)), step, "record"):  # no update
                 batches = []
-                if grid.is_main:
-                    print(f"step {step + 1}: no record of the step could be read; skipped (see errors.jsonl)",
-                          file=sys.stderr, flush=True)
             for samples in batches:
                 # fewer forwards than other ranks (failed videos): one-token ones keep the collectives in step
                 padding = engine.padding_loss(rt.lm_forwards([[None]] * len(samples)))
@@ -142,7 +137,7 @@ def held_out_loss(rt: Runtime, records: list[dict], recipe, grid, skipped: Skipp
         for i, rec in enumerate(mine):
             try:
                 t, c = nll(rt, [rt.sample(rec, video_dir)])
-            except (VideoDecodeError, KeyError, ValueError) as e:
+            except UNREADABLE as e:
                 skipped.skip(f"eval:{rec.get('problem_id', grid.dp_rank + i * grid.dp_size)}",
                              f"{type(e).__name__}: {e}")
                 continue

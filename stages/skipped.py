@@ -8,7 +8,9 @@ also across a kill and resume: the keys an earlier attempt recorded stay counted
 
 from __future__ import annotations
 
-from stages.mrsp.dist import Grid, all_gather_objects, broadcast_object
+import sys
+
+from stages.mrsp.dist import Grid, all_gather_objects, all_reduce_sum, broadcast_object
 
 
 class SkippedInputs:
@@ -35,6 +37,16 @@ class SkippedInputs:
                     if self.grid.is_main:
                         self.run.error(key, reason, rank=rank)
         self.noted = {}
+
+    def none_read(self, read: int, step: int, what: str) -> bool:
+        """Whether no rank read any of step `step`'s inputs (`read`: how many this rank did; every
+        rank calls); if so, say on the terminal that the step is skipped."""
+        if all_reduce_sum([read], self.grid)[0]:
+            return False
+        if self.grid.is_main:
+            print(f"step {step + 1}: no {what} of the step could be read; skipped (see errors.jsonl)",
+                  file=sys.stderr, flush=True)
+        return True
 
     @property
     def count(self) -> int:

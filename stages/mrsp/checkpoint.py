@@ -29,7 +29,8 @@ import torch
 
 from stages.mrsp.dist import Grid, all_gather_objects, barrier
 from stages.mrsp.engine import TrainEngine
-from stages.mrsp.fsdp import full_state_dict, load_full_state, sharded
+from stages.mrsp.fsdp import (full_state_dict, load_full_state, load_local_optimizer_state, load_master_shards,
+                              local_optimizer_state, master_shards, sharded)
 from stages.mrsp.lora import LORA_DIR, has_lora, load_adapter_weights, save_pretrained
 from stages.mrsp.state_files import StateFileError, load_tree, save_tree
 
@@ -58,8 +59,6 @@ def save_state(engine: TrainEngine, folder: Path, tokenizer, state: dict) -> Non
     if engine.ds is not None:  # every rank holds its own ZeRO partition
         save_tree(deepspeed_state(engine), tmp / "trainer" / f"optimizer.rank{grid.rank}")
     elif engine.sharded:  # every rank holds its shard of the optimizer state
-        from stages.mrsp.fsdp import local_optimizer_state, master_shards
-
         save_tree({"optimizer": local_optimizer_state(engine.optimizer), "scheduler": engine.scheduler.state_dict(),
                    "master": master_shards(engine.model)}, tmp / "trainer" / f"optimizer.rank{grid.rank}")
     elif grid.is_main:
@@ -123,8 +122,6 @@ def load_state(engine: TrainEngine, folder: Path) -> dict:
         if engine.ds is not None:
             load_deepspeed_state(engine, load_tree(folder / "trainer" / f"optimizer.rank{engine.grid.rank}"))
         elif engine.sharded:
-            from stages.mrsp.fsdp import load_local_optimizer_state, load_master_shards
-
             saved = load_tree(folder / "trainer" / f"optimizer.rank{engine.grid.rank}")
             load_master_shards(engine.model, saved["master"])
             load_local_optimizer_state(engine.optimizer, saved["optimizer"])

@@ -289,13 +289,17 @@ def average_gradients(params, grid: Grid, bucket_mib: float = 64) -> None:
     if not grid.distributed:
         return
     buckets: dict[tuple, list[list[torch.Tensor]]] = {}  # (dtype, device) -> buckets
+    filled: dict[tuple, int] = {}  # bytes in the last bucket of each
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        lists = buckets.setdefault((p.grad.dtype, p.grad.device), [[]])
-        if lists[-1] and sum(g.nbytes for g in lists[-1]) + p.grad.nbytes > bucket_mib * 2 ** 20:
+        kind = (p.grad.dtype, p.grad.device)
+        lists = buckets.setdefault(kind, [[]])
+        if lists[-1] and filled[kind] + p.grad.nbytes > bucket_mib * 2 ** 20:
             lists.append([])
+            filled[kind] = 0
         lists[-1].append(p.grad)
+        filled[kind] = filled.get(kind, 0) + p.grad.nbytes
     for grads in (b for lists in buckets.values() for b in lists):
         flat = torch.cat([g.reshape(-1) for g in grads])
         _collective("all_reduce", None, dist.all_reduce, flat)

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from stages.mrsp.fsdp import load_full_state, sharded
+
 LORA_DIR = "lora"
 PEFT_PREFIX = "base_model.model."
 
@@ -101,10 +103,7 @@ def load_adapter_weights(model, folder: Path) -> None:
     if not path.exists():
         raise RuntimeError(f"{folder}: no {LORA_DIR}/adapter_model.safetensors to resume the LoRA weights from")
     state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(path).items()}
-    from stages.mrsp.fsdp import load_full_state, sharded
-
     if sharded(model):  # each rank copies in its rows
-
         named = {k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
                  for k, v in state.items()}
         _, unexpected = load_full_state(model, named)

@@ -170,15 +170,11 @@ class SharedPrefixCache:
 
     def prefix_bytes(self) -> int:
         """Bytes of the prompts' K/V, all layers (one copy per prompt, whatever n is)."""
-        return sum(_nbytes(layer.prefix_keys) + _nbytes(layer.prefix_values) for layer in self.layers)
+        return sum(layer.prefix_keys.nbytes + layer.prefix_values.nbytes for layer in self.layers)
 
     def suffix_bytes(self) -> int:
         """Bytes of the rows' preallocated generated-token K/V, all layers."""
-        return sum(_nbytes(layer.suffix_keys) + _nbytes(layer.suffix_values) for layer in self.layers)
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+        return sum(layer.suffix_keys.nbytes + layer.suffix_values.nbytes for layer in self.layers)
 
 
 def shared_prefix_attention(module, query, key, value, attention_mask=None, dropout: float = 0.0,
