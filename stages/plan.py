@@ -80,7 +80,7 @@ class Scenario:
     reference: bool  # a frozen reference model beside the policy
     checkpointing: bool
     vision_trains: bool
-    questions: int  # per rank per step: embeddings cached (MR-SP), videos decoded
+    questions: int  # held at once per rank (embeddings cached, videos decoded): rl a step's, sft a micro-batch's
     micro: int  # questions per training forward
     G: int  # rollouts per question (1: SFT, no rollouts)
     T: int  # response (or SFT target) tokens
@@ -284,7 +284,8 @@ def scenarios(d: Dims, recipe, gpu: Gpu) -> list[tuple[Scenario, int]]:
     mrsp = Scenario(
         f"MR-SP (SP {sp}" + (", shared prompt)" if rl and recipe.mrsp.shared_prompt else ")"), b, not gpu.cuda, sp,
         world, zero, trainable_params(d, recipe), rl and recipe.algo.kl_coef > 0,
-        recipe.train.gradient_checkpointing, not recipe.model.freeze_vision, per_rank_q,
+        recipe.train.gradient_checkpointing, not recipe.model.freeze_vision,
+        per_rank_q if rl else recipe.train.micro_batch_per_rank,  # sft decodes a micro-batch at a time
         recipe.train.micro_batch_per_rank, recipe.rollout.n if rl else 1,
         recipe.rollout.max_new_tokens if rl else SFT_TARGET_TOKENS, PROMPT_TEXT_TOKENS,
         recipe.video.max_pixels // factor ** 2 * factor ** 2, True, True, rl and recipe.mrsp.shared_prompt,

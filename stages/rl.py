@@ -281,6 +281,7 @@ def held_out_accuracy(rt, records: list[dict], recipe, grid, skipped: SkippedInp
             skipped.skip(f"eval:{rec.get('problem_id', grid.dp_rank + i * grid.dp_size)}", f"{type(e).__name__}: {e}")
             continue
         (rollout,), = rt.generate([sample], 1, greedy)
+        rt.new_step()  # not one held-out embedding kept past its rollout
         text = rt.response_text(rollout.token_ids)
         right = combined_reward(text, rec["answer"], options=rec.get("options"))["accuracy"]
         for c in ("all", rec.get("category", rec.get("problem_type"))):

@@ -6,9 +6,11 @@ the loss is the mean negative log-likelihood of the assistant tokens only (token
 over the micro-batch). Videos go through the MR-SP runtime: frames encoded sharded over
 the SP group, the sequence split over it for the forward and backward.
 
-A step's videos are all decoded before its first forward (as `lvr rl` does): when no rank
-can read any record of a step, the step is skipped with a message, and no optimizer step
-runs (AdamW would move the weights on a zero gradient: its moments and weight decay).
+When no rank can read any record of a step, the step is skipped with a message, and no
+optimizer step runs (AdamW would move the weights on a zero gradient: its moments and weight
+decay). To know that before the first forward without holding a step's videos at once, each
+rank decodes its records in order until one is readable, and decodes the rest with their
+micro-batch (`StepReader`); the embedding cache keeps a micro-batch's worth.
 
 Where it departs from the paper: the paper fine-tunes the vision tower too; here it is
 frozen by default (`model.freeze_vision`), as in its RL stage.
@@ -17,6 +19,7 @@ frozen by default (`model.freeze_vision`), as in its RL stage.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -46,12 +49,49 @@ def nll(rt: Runtime, samples: list[Sample], grad_vision: bool = False) -> tuple[
     return total, count
 
 
+class StepReader:
+    """This rank's records of one step (`idx`), decoded a micro-batch at a time.
+
+    Whether any rank can read any record of the step must be known before its first forward.
+    Decoding them all up front would hold the step's videos at once (global_batch / dp of them
+    per rank; one 512-frame video of 100,352 pixels a frame is 0.6 GB of fp32 pixels), so the
+    records are tried in order until one is readable (`first`, kept), and the rest are decoded
+    with their micro-batch: each record is decoded once, and the micro-batch that holds `first`
+    is the first with any sample, so at most one micro-batch of videos is held."""
+
+    def __init__(self, rt: Runtime, records: list[dict], idx: list[int], micro: int, video_dir: str,
+                 skipped: SkippedInputs):
+        self.rt, self.records, self.idx, self.micro, self.video_dir, self.skipped = (
+            rt, records, idx, micro, video_dir, skipped)
+        self.first, self.sample = len(idx), None
+        for pos, i in enumerate(idx):
+            got = read_samples(rt, records, [i], video_dir, skipped)
+            if got:
+                self.first, self.sample = pos, got[0]
+                break
+
+    @property
+    def readable(self) -> bool:
+        """Whether this rank can read any record of the step."""
+        return self.sample is not None
+
+    def batches(self) -> Iterator[list[Sample]]:
+        """The micro-batches in order, each the readable samples of its `micro` records."""
+        for u in range(0, len(self.idx), self.micro):
+            head = [self.sample] if u <= self.first < u + self.micro else []
+            if head:
+                self.sample = None  # its micro-batch holds it now
+            yield head + read_samples(self.rt, self.records, self.idx[max(u, self.first + 1):u + self.micro],
+                                      self.video_dir, self.skipped)
+
+
 def run(recipe, run) -> dict:
     grid = open_grid(recipe)
     per_rank = recipe.train.global_batch // grid.dp_size
     micro = recipe.train.micro_batch_per_rank
     built = setup(recipe, grid, train=(recipe.train.steps, per_rank // micro))
     adapter, rt, engine = built.adapter, built.rt, built.engine
+    rt.cache.capacity = micro  # a video serves one forward per step: keep a micro-batch's embeddings, not a step's
 
     skipped = SkippedInputs(run, grid)
     records = read_records(recipe.data.input, on_error=lambda line, why: skipped.skip(f"{recipe.data.input}:{line}", why))
@@ -74,12 +114,10 @@ def run(recipe, run) -> dict:
             rt.new_step()
             rt.reset_counters()
             idx = step_records(len(records), step, recipe.train.global_batch, recipe.seed, grid.dp_rank, grid.dp_size)
-            batches = [read_samples(rt, records, idx[u:u + micro], video_dir, skipped)
-                       for u in range(0, per_rank, micro)]
+            reader = StepReader(rt, records, idx, micro, video_dir, skipped)
             losses, tokens = [], 0
-            if skipped.none_read(sum(map(len, batches)), step, "record"):  # no update
-                batches = []
-            for samples in batches:
+            update = not skipped.none_read(int(reader.readable), step, "record")  # else no forward, no update
+            for samples in reader.batches() if update else []:
                 # fewer forwards than other ranks (failed videos): one-token ones keep the collectives in step
                 padding = engine.padding_loss(rt.lm_forwards([[None]] * len(samples)))
                 if samples:
@@ -96,7 +134,7 @@ def run(recipe, run) -> dict:
             loss_sum, loss_count = all_reduce_sum([sum(losses), len(losses)], grid)
             metrics = {"loss": loss_sum / loss_count} if loss_count else {}  # absent when nothing was read
             metrics |= dp_mean({"target_tokens": float(tokens), "lr": engine.lr, "time/step": time.perf_counter() - t}
-                               | ({"grad_norm": engine.last_grad_norm} if batches else {}), grid)
+                               | ({"grad_norm": engine.last_grad_norm} if update else {}), grid)
             metrics.update(rt.counters())
             if held_out and ((step + 1) % recipe.eval.every_steps == 0 or step + 1 == recipe.train.steps):
                 with engine.gathered():

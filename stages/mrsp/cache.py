@@ -6,21 +6,26 @@ vision tower. With a frozen tower (the default) one encode serves the G rollouts
 old-policy, reference and update forwards of a step; with a trainable one the update
 forward re-encodes with gradients (`grad=True`) and the version is bumped after each
 optimizer step. The counters `vision_encodes` and `embedding_cache_hits` go to metrics.
+
+`capacity` bounds the entries (least recently used out first): `lvr sft`, whose videos each
+serve one forward, keeps a micro-batch's worth, so a step does not hold every embedding it
+made while a video asked about twice in a row is still encoded once.
 """
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from typing import Callable
 
 from stages.models.adapter import VideoEmbedding
 
 
 class EmbeddingCache:
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self, enabled: bool = True, capacity: int | None = None):
+        self.enabled, self.capacity = enabled, capacity
         self.vision_version = 0
-        self._store: dict[tuple[str, int], VideoEmbedding] = {}
+        self._store: OrderedDict[tuple[str, int], VideoEmbedding] = OrderedDict()
         self.vision_encodes = 0
         self.embedding_cache_hits = 0
         self.encode_seconds = 0.0  # wall time spent in the vision tower
@@ -31,6 +36,7 @@ class EmbeddingCache:
         full = (key, self.vision_version)
         if self.enabled and not grad and full in self._store:
             self.embedding_cache_hits += 1
+            self._store.move_to_end(full)
             return self._store[full]
         t = time.perf_counter()
         emb = encode()
@@ -38,6 +44,8 @@ class EmbeddingCache:
         self.vision_encodes += 1
         if self.enabled and not grad:
             self._store[full] = emb
+            if self.capacity is not None and len(self._store) > self.capacity:
+                self._store.popitem(last=False)
         return emb
 
     def new_step(self) -> None:
