@@ -55,10 +55,12 @@ def summarize(runs: list[dict], base: str, head: str) -> tuple[list[dict], str]:
     for r in runs:
         for c in r["results"]:
             if not c["oom"]:
-                cells.setdefault((c["mode"], c["frames"], c.get("response_tokens")), {}).setdefault(r["side"], []).append(c)
+                cell = cells.setdefault((c["mode"], c["frames"], c.get("response_tokens")), {})
+                cell.setdefault(r["side"], []).append(c)
     rows, lines = [], [f"base {base}, head {head}; median s/step over the rounds (each run's own median step)", "",
-                       "| mode | frames | response tokens | base s/step | head s/step | base / head | runs (base, head) "
-                       "| first-step loss, log-prob: max diff |", "|---|---:|---:|---:|---:|---:|---|---:|"]
+                       "| mode | frames | response tokens | base s/step | head s/step | base / head "
+                       "| runs (base, head) | first-step loss, log-prob: max diff |",
+                       "|---|---:|---:|---:|---:|---:|---|---:|"]
     for (mode, frames, tokens), sides in sorted(cells.items(), key=lambda kv: (kv[0][1], str(kv[0][2]), kv[0][0])):
         med = {s: statistics.median(c["seconds_per_step"] for c in cs) for s, cs in sides.items()}
         both = [c for s in ("base", "head") for c in sides.get(s, [])]
@@ -98,9 +100,9 @@ def main() -> None:
                     root, extra = (base_root, []) if side == "base" else (HEAD, a.head_only)
                     results, machine = bench(root, work, f"{side}-{k}", [*a.bench_args, *extra])
                     runs.append({"side": side, "round": k, "results": results})
-                    print(f"round {k} {side}: " + ", ".join(
-                        f"{c['mode']}@{c['frames']} {c['seconds_per_step']:.3f} s/step" for c in results if not c["oom"]),
-                        flush=True)
+                    times = [f"{c['mode']}@{c['frames']} {c['seconds_per_step']:.3f} s/step"
+                             for c in results if not c["oom"]]
+                    print(f"round {k} {side}: " + ", ".join(times), flush=True)
         finally:
             git("worktree", "remove", "--force", str(base_root))
     rows, table = summarize(runs, base_rev, head_rev)

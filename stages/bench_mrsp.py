@@ -38,8 +38,9 @@ high-water mark above the step's start (the step's decoded videos included, the 
 not), sampled every 5 ms. With `bench.memory_cap_gb` a step stops once the peak of any rank
 passes the cap (checked on every rank after each question of each phase, and between a
 question's update forward and its backward, the ranks agreeing on the largest peak, so all
-stop together), the cell is reported as OOM and the sweep goes on; then, per mode, `stages/bench_search.py` looks for the largest frame count under the
-cap with one step per probe. On CPU a capped run fixes glibc's mmap threshold first (as
+stop together), the cell is reported as OOM and the sweep goes on; then, per mode,
+`stages/bench_search.py` looks for the largest frame count under the cap with one step per
+probe. On CPU a capped run fixes glibc's mmap threshold first (as
 `bench-components` does), so the resident set follows live memory; allocation is slower.
 """
 

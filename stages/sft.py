@@ -94,7 +94,8 @@ def run(recipe, run) -> dict:
     rt.cache.capacity = micro  # a video serves one forward per step: keep a micro-batch's embeddings, not a step's
 
     skipped = SkippedInputs(run, grid)
-    records = read_records(recipe.data.input, on_error=lambda line, why: skipped.skip(f"{recipe.data.input}:{line}", why))
+    records = read_records(recipe.data.input,
+                           on_error=lambda line, why: skipped.skip(f"{recipe.data.input}:{line}", why))
     records = records[:recipe.data.limit] if recipe.data.limit else records
     if not records:
         raise InputError(f"data.input: {recipe.data.input} holds no readable records")
