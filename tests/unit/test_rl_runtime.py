@@ -64,7 +64,12 @@ def test_rl_held_out_accuracy_scores_greedy_replies_per_category():
                {"problem_id": "g1", "category": "goal", "answer": "C", "options": options, "reply": 2},
                {"problem_id": "bad", "category": "goal", "answer": "D", "options": options, "reply": 3}]
 
-    class Replay:  # the runtime's three calls, replaying fixed replies
+    class Replay:  # the runtime's four calls, replaying fixed replies
+        cleared = 0  # cached embeddings dropped (new_step): one per scored item, none kept over the set
+
+        def new_step(self):
+            self.cleared += 1
+
         def sample(self, rec, video_dir):
             if rec["problem_id"] == "bad":
                 raise VideoDecodeError("bad.mp4", "not a video")
@@ -80,8 +85,10 @@ def test_rl_held_out_accuracy_scores_greedy_replies_per_category():
     recipe = SimpleNamespace(eval=SimpleNamespace(input="held/eval.jsonl"), rollout=SimpleNamespace(max_new_tokens=8))
     noted = {}
     skipped = SimpleNamespace(skip=lambda key, why: noted.setdefault(key, why))
-    got = held_out_accuracy(Replay(), records, recipe, Grid(), skipped)
+    rt = Replay()
+    got = held_out_accuracy(rt, records, recipe, Grid(), skipped)
     assert got == {"eval_accuracy": round(2 / 3, 6), "eval_accuracy/temporal": 0.5, "eval_accuracy/goal": 1.0}
+    assert rt.cleared == 3
     assert list(noted) == ["eval:bad"] and "not a video" in noted["eval:bad"]
     # no item scored: no accuracy at all (never 0.0)
     assert held_out_accuracy(Replay(), records[3:], recipe, Grid(), skipped) == {}
