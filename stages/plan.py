@@ -161,7 +161,9 @@ def breakdown(d: Dims, s: Scenario, frames: int) -> Breakdown:
         out.step["cached video embeddings"] = s.questions * emb
     if s.cpu:  # decoded, patchified fp32 pixels share the RAM
         pixels = math.ceil(frames / d.temporal_patch) * d.temporal_patch * d.channels * s.pixels_per_frame * 4
-        out.step["decoded pixels"] = s.questions * pixels
+        # rl releases a video's frames once its embedding is cached (MR-SP, frozen tower): one at a time
+        released = s.rollouts and not s.bench and s.reuse and not s.vision_trains
+        out.step["decoded pixels"] = (1 if released else s.questions) * pixels
         out.phases["video decode"] = {"patchify copies": 2 * pixels}
     slice_patches = -(-patches // sp)
     encode = pm.vision_nograd_bytes(d, b, slice_patches) + (2 * emb if sp > 1 else 0)  # + gather buffers

@@ -143,12 +143,10 @@ class GRPOTrainer:
         rt.reset_counters()
 
         # 1. the step's questions and their videos (encoded once, sharded over the SP group)
-        b = StepBatch(self.load_samples(step))
+        b = StepBatch([])
+        b.samples = self.load_samples(step, b.timers)
         if self.skipped.none_read(len(b.samples), step, "question"):  # no rollouts, no update
             return {"questions": 0, "lr": self.engine.lr}
-        with Timer(b.timers, "vision"), torch.no_grad():
-            for s in b.samples:
-                rt.embed(s)
 
         # 2-4 on the policy's full weights when they are sharded (gathered once, no collective inside)
         with self.engine.gathered():
@@ -194,11 +192,20 @@ class GRPOTrainer:
         return step_metrics(b, self, G)
 
     # -- the pieces of a step ------------------------------------------------------------------
-    def load_samples(self, step: int) -> list[Sample]:
-        """This rank's questions of `step`; an unreadable one is noted in `skipped` and left out."""
-        r, grid = self.recipe, self.grid
-        idx = step_records(len(self.records), step, r.train.global_batch, r.seed, grid.dp_rank, grid.dp_size)
-        return read_samples(self.rt, self.records, idx, self.video_dir, self.skipped)
+    def load_samples(self, step: int, timers: dict) -> list[Sample]:
+        """This rank's questions of `step`, each video decoded and encoded (timed as `vision`)
+        before the next is decoded, its frames released when the cached embedding serves the
+        whole step (`Runtime.release_pixels`), so a step holds one video's frames, not all of
+        them; an unreadable one is noted in `skipped` and left out."""
+        r, grid, rt = self.recipe, self.grid, self.rt
+        samples = []
+        for i in step_records(len(self.records), step, r.train.global_batch, r.seed, grid.dp_rank, grid.dp_size):
+            for s in read_samples(rt, self.records, [i], self.video_dir, self.skipped):
+                with Timer(timers, "vision"), torch.no_grad():
+                    rt.embed(s)
+                rt.release_pixels(s)
+                samples.append(s)
+        return samples
 
     def sampling(self, step: int) -> Sampling:
         """The step's sampling; a question's seed is its place in the global batch (`generate`'s

@@ -70,7 +70,7 @@ class VideoInput:
     """One video sampled and patchified for a model."""
 
     key: str  # path + frame sampling: the embedding cache key
-    pixels: torch.Tensor
+    pixels: torch.Tensor | None  # None once released (Runtime.release_pixels)
     grid_thw: torch.Tensor  # [1, 3]
     timestamps_s: list[float]
     seconds_per_grid: float
@@ -194,6 +194,9 @@ class Runtime:
         tower = model if own else self.adapter
 
         def encode() -> VideoEmbedding:
+            if v.pixels is None:
+                raise RuntimeError(f"{v.key}: its pixels were released after its embedding (release_pixels), "
+                                   "and the embedding is no longer cached")
             self.alone_encodes += alone
             with torch.set_grad_enabled(grad and not own):
                 return encode_sharded(tower, v.pixels, v.grid_thw, Grid() if alone else self.sp_grid)
@@ -202,6 +205,15 @@ class Runtime:
 
     def new_step(self) -> None:
         self.cache.new_step()
+
+    def release_pixels(self, sample: Sample) -> bool:
+        """Drop `sample`'s decoded pixels once its embedding is cached, when the step's cached
+        embedding serves every later use (MR-SP with a frozen tower): the frames of a step's
+        videos then need not stay in memory beside their embeddings. Returns whether it did."""
+        if not self.mode.reuse_embeddings or self.vision_trains:
+            return False  # vanilla re-encodes per sequence; a trained tower re-encodes in the update
+        sample.video.pixels = None
+        return True
 
     # -- rollouts -------------------------------------------------------------------------------
     def generate(self, samples: list[Sample], n: int, sampling: Sampling, first_index: int = 0

@@ -46,6 +46,33 @@ def test_reference_encodes_with_its_own_tower_when_the_policy_vision_trains():
     assert max((x - y).abs().max().item() for x, y in zip(shared[0], want[0])) > 1e-4
 
 
+def test_pixels_are_released_only_where_the_cached_embedding_serves_the_step():
+    """MR-SP with a frozen tower: after the step's encode, log-probs come from the cache with the
+    frames gone, equal to those computed with them; vanilla and a trained tower keep the frames;
+    an encode that would need released frames fails with the video's name."""
+    from stages.mrsp.runtime import Mode
+
+    adapter = load_adapter("tiny:qwen2.5-vl")
+    responses = [[[40, 41, 42, 300], [300, 301]]]
+    rt = make_runtime(adapter)
+    sample = _sample(rt)
+    want, _ = rt.group_logprobs([sample], responses)
+    assert rt.release_pixels(sample) and sample.video.pixels is None
+    got, _ = rt.group_logprobs([sample], responses)  # the step's cached embedding
+    assert all(torch.equal(x, y) for x, y in zip(got[0], want[0]))
+    rt.new_step()  # the embedding is gone too: nothing to encode from
+    try:
+        rt.group_logprobs([sample], responses)
+        raise AssertionError("an encode without pixels ran")
+    except RuntimeError as e:
+        assert "v0: its pixels were released" in str(e)
+
+    for keep in (make_runtime(adapter, mode=Mode.named("vanilla")), make_runtime(adapter)):
+        keep.vision_trains = keep.mode.reuse_embeddings  # the second: MR-SP with a trained tower
+        s = _sample(keep)
+        assert not keep.release_pixels(s) and s.video.pixels is not None
+
+
 def test_rl_held_out_accuracy_scores_greedy_replies_per_category():
     """`[eval]` during RL: one greedy reply per held-out question, scored by the accuracy
     reward; unreadable items are noted as skipped and left out of the counts."""
