@@ -32,6 +32,9 @@ class BenchSpec(Section):
     memory_cap_gb: PosFloat | None = None
     search_resolution_frames: PosInt = 64  # the search stops when fitting and failing counts are this close
     max_frames: PosInt = 4096  # the search probes no more frames than this
+    # start every step on a trimmed heap (its memory measured), not only a cell's first: what
+    # revisions before this key did, for like-for-like timing against them (ab_revisions.py)
+    trim_every_step: bool = False
     name: str = "bench"
     out_dir: str = "benchmarks"
 

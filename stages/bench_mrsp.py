@@ -35,7 +35,12 @@ loss is minus the mean advantage, near 0 whatever the forward computed.
 
 Peak memory: CUDA's allocator peak on GPU (weights included); on CPU the resident-set
 high-water mark above the step's start (the step's decoded videos included, the weights
-not), sampled every 5 ms. With `bench.memory_cap_gb` a step stops once the peak of any rank
+not), sampled every 5 ms, of a cell's first step, which starts on a trimmed heap (glibc's
+free pages given back) so that its growth counts every page it touches. The cell's later
+steps run on the heap as the earlier ones left it, as a training loop does, unsampled:
+trimming before every step would make each step fault its memory in again (about 5% of
+an mrsp-shared step at 512 frames on CPU; `bench.trim_every_step = true` does it, as
+revisions before it did, for comparisons with them). With `bench.memory_cap_gb` a step stops once the peak of any rank
 passes the cap (checked on every rank after each question of each phase, and between a
 question's update forward and its backward, the ranks agreeing on the largest peak, so all
 stop together), the cell is reported as OOM and the sweep goes on; then, per mode,
@@ -148,7 +153,7 @@ class PeakMemory:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self._base = self._peak = 0
-        self._stop = threading.Event()
+        self._stop, self._on = threading.Event(), threading.Event()
         if not self.cuda:
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
@@ -160,15 +165,22 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.005):
-            self._peak = max(self._peak, self._rss())
+            if self._on.is_set():
+                self._peak = max(self._peak, self._rss())
 
-    def reset(self) -> None:
+    def reset(self, measure: bool = True) -> None:
+        """Start measuring a step: on CPU, trim the heap and sample from here. `measure=False`:
+        leave the heap as it is and stop sampling (a step whose memory is not reported)."""
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
             self._base = 0
-        else:
-            trim_heap(torch.device("cpu"))
-            self._base = self._peak = self._rss()
+            return
+        if not measure:
+            self._on.clear()
+            return
+        trim_heap(torch.device("cpu"))
+        self._base = self._peak = self._rss()
+        self._on.set()
 
     def gb(self) -> float:
         if self.cuda:
@@ -290,7 +302,9 @@ def bench_mode(bench: Bench, name: str, frames: int, tokens: int, warmup_steps: 
                                   dict.fromkeys(PHASES, 0.0), no_cap, reuse_old=reuse_old)[qids.index(grid.rank)]
             rt.new_step()  # every timed step starts cold: no embedding cached, counters at zero
             rt.reset_counters()
-            memory.reset()  # a step's memory includes its decoded videos: they are built after the reset
+            # a step's memory includes its decoded videos: they are built after the reset
+            measured = step == 0 or b.memory_cap_gb is not None or b.trim_every_step
+            memory.reset(measure=measured)
             samples = [synthetic_sample(rt, frames, b.frame_size, q) for q in qids]
             t0 = time.perf_counter()
             with torch.no_grad(), Phase(timers, "rollout", rt):
@@ -312,7 +326,8 @@ def bench_mode(bench: Bench, name: str, frames: int, tokens: int, warmup_steps: 
             if grid.sp_group is not None:  # encodes on one rank alone (peer rollouts) add up over the group
                 alone = all_reduce_sum([counters["vision_encodes_alone"]], grid, group=grid.sp_group)[0]
                 counters["vision_encodes"] += int(alone) - counters["vision_encodes_alone"]
-            peak = max(peak, memory.gb())
+            if measured:
+                peak = max(peak, memory.gb())
     except (MemoryCapExceeded, torch.OutOfMemoryError, MemoryError) as e:
         return {**cell, "oom": True, "reason": str(e).splitlines()[0][:200],
                 "peak_memory_gb": e.peak_gb if isinstance(e, MemoryCapExceeded) else None}

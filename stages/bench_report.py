@@ -64,12 +64,15 @@ def timing(b) -> str:
     return f"s/step: the median of {b.steps} timed steps{more}, after {b.warmup_steps} warmup"
 
 
-def memory_kind(grid: Grid, capped: bool) -> str:
-    """What `peak_memory_gb` measures on this run's device."""
+def memory_kind(grid: Grid, capped: bool, every_step: bool = False) -> str:
+    """What `peak_memory_gb` measures on this run's device (`every_step`: `bench.trim_every_step`)."""
     if grid.device.type == "cuda":
         return "CUDA max_memory_allocated per rank (weights included)"
-    heap = "glibc mmap threshold fixed at 128 KiB" if capped else "glibc's default heap"
-    return f"resident-set growth per rank above the step's start ({heap})"
+    if capped:
+        return "resident-set growth per rank above the step's start (glibc mmap threshold fixed at 128 KiB)"
+    steps = "every step" if every_step else "a cell's first step"
+    return (f"resident-set growth per rank above the step's start (glibc's default heap; {steps}, "
+            "started on a trimmed heap)")
 
 
 def report(recipe, run, grid: Grid, results: list[dict], peak: dict, searches: list[dict]) -> dict:
@@ -95,7 +98,7 @@ def report(recipe, run, grid: Grid, results: list[dict], peak: dict, searches: l
         env = environment(grid.world_size)
         machine = (f"{env['devices'].get('cuda') or 'CPU'} x{grid.world_size} processes, "
                    f"{os.cpu_count()} cores, torch {env['versions']['torch']}")
-        memory = memory_kind(grid, b.memory_cap_gb is not None)
+        memory = memory_kind(grid, b.memory_cap_gb is not None, b.trim_every_step)
         data = {"name": b.name, "machine": machine, "model": recipe.model.path, "world_size": grid.world_size,
                 "sp_size": recipe.mrsp.sp_size, "rollout_n": recipe.rollout.n,
                 "response_tokens": lengths, "frame_size": b.frame_size, "steps": b.steps,
