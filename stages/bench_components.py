@@ -263,7 +263,7 @@ def cores() -> int:
 def machine_line(env: dict, threads: int) -> str:
     """The machine in words: devices, cores, threads per rank, versions."""
     cuda = env["devices"].get("cuda") or []
-    where = f"{len(cuda)}x {cuda[0]}" if cuda else "CPU"
+    where = f"{len(cuda)}x {cuda[0]}" if cuda else f"CPU {env['devices'].get('cpu')} ({env['devices'].get('cpu_isa')})"
     return (f"{where}, {cores()} cores, {threads} thread(s) per rank, torch {env['versions']['torch']}, "
             f"transformers {env['versions']['transformers']}")
 

@@ -19,6 +19,17 @@ def git_commit() -> str | None:
         return None
 
 
+def cpu_name() -> str:
+    """The CPU's model name (`/proc/cpuinfo` on Linux), else what `platform` says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def environment(world_size: int = 1) -> dict:
     """Versions, git commit, devices and world size (what lm-evaluation-harness records)."""
     import importlib.metadata as md
@@ -29,12 +40,13 @@ def environment(world_size: int = 1) -> dict:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             versions[pkg] = None
-    devices: dict = {"cpu_count": os.cpu_count()}
+    devices: dict = {"cpu_count": os.cpu_count(), "cpu": cpu_name()}
     try:
         import torch
 
         devices["cuda"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         devices["torch_threads"] = torch.get_num_threads()
+        devices["cpu_isa"] = torch.backends.cpu.get_cpu_capability()  # the vector unit torch's kernels use
     except Exception:  # torch missing or a broken CUDA install: report what we can
         devices["cuda"] = []
     return {

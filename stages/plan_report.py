@@ -146,7 +146,7 @@ def bench_table(d: Dims, recipe, pairs) -> str:
 # -- calibration ---------------------------------------------------------------------------------
 def calibration(d: Dims, recipe, measured: dict) -> list[dict]:
     """Predicted step growth against a bench-mrsp JSON's peak per rank, per (mode, frames)."""
-    gpu = GPUS["cuda" in measured.get("machine", "") and "h100-80g" or "cpu-24g"]
+    gpu = GPUS["h100-80g" if measured.get("memory", "").startswith("CUDA") else "cpu-24g"]  # weights counted or not
     lengths = measured["response_tokens"]  # a list since bench.response_tokens is one; one int before
     lengths = lengths if isinstance(lengths, list) else [lengths]
     # the run's own settings, whatever the recipe says now

@@ -187,6 +187,21 @@ def test_default_glibc_heap_overstates_live_memory():
     assert max(abs(r["error"]) for r in rows if r["mode"] in ("mrsp", "mrsp-shared")) > 0.4
 
 
+def test_calibration_predicts_for_cuda_when_the_bench_measured_cuda_memory():
+    """A bench run on GPU measured CUDA's allocator peak: the calibration predicts for a CUDA
+    device then (bf16 for `model.dtype = "auto"`, no decoded frames in host memory), as the
+    JSON's `memory` says; its machine line names the GPU, not "cuda"."""
+    recipe = load_recipe(ROOT / "recipes/demo/bench.toml")
+    d, _ = pm.load_dims(recipe.model.path)
+    cpu = json.loads((ROOT / "benchmarks" / "cpu-demo.json").read_text())
+    cuda = {**cpu, "memory": "CUDA max_memory_allocated per rank (weights included)", "machine": "NVIDIA H200 x2"}
+    on_cpu, on_cuda = plan_report.calibration(d, recipe, cpu), plan_report.calibration(d, recipe, cuda)
+    assert len(on_cpu) == len(on_cuda) == 18
+    for a, b in zip(on_cpu, on_cuda):
+        assert (a["mode"], a["frames"]) == (b["mode"], b["frames"])
+        assert 0 < b["predicted_gib"] < 0.6 * a["predicted_gib"], (a, b)
+
+
 # -- the command line ----------------------------------------------------------------------------------
 def test_plan_7b_rl_on_h100(lvr):
     r = lvr("plan", "recipes/qwen2_5_vl_7b/rl.toml", "--gpu", "h100-80g", "--model", "Qwen/Qwen2.5-VL-7B-Instruct")
