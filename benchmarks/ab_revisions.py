@@ -89,7 +89,7 @@ def main() -> None:
     base_rev = git("rev-parse", "--short", a.base)
     head_rev = git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "--untracked-files=no")
                                                      else "")
-    runs = []
+    runs, machine = [], ""
     with tempfile.TemporaryDirectory(prefix="lvr-ab-") as tmp:
         work, base_root = Path(tmp), Path(tmp) / "base"
         git("worktree", "add", "--detach", str(base_root), base_rev)
@@ -98,7 +98,8 @@ def main() -> None:
                 order = ("base", "head") if k % 2 == 0 else ("head", "base")
                 for side in order:
                     root, extra = (base_root, []) if side == "base" else (HEAD, a.head_only)
-                    results, machine = bench(root, work, f"{side}-{k}", [*a.bench_args, *extra])
+                    results, named = bench(root, work, f"{side}-{k}", [*a.bench_args, *extra])
+                    machine = named if side == "head" else machine  # older revisions name the CPU less
                     runs.append({"side": side, "round": k, "results": results})
                     times = [f"{c['mode']}@{c['frames']} {c['seconds_per_step']:.3f} s/step"
                              for c in results if not c["oom"]]
@@ -109,7 +110,9 @@ def main() -> None:
     Path(f"{a.out}.json").write_text(json.dumps({"base": base_rev, "head": head_rev, "machine": machine,
                                                  "bench_args": a.bench_args, "head_only": a.head_only,
                                                  "rounds": a.rounds, "summary": rows, "runs": runs}, indent=1))
-    Path(f"{a.out}.md").write_text(f"Machine: {machine}.\n\n{table}\n")
+    command = f"Both sides: `{' '.join(a.bench_args)}`" + (f"; head only: `{' '.join(a.head_only)}`" if a.head_only
+                                                            else "")
+    Path(f"{a.out}.md").write_text(f"Machine: {machine}.\n\n{command}.\n\n{table}\n")
     print(table)
     worst = max((r["first_step_max_diff"] for r in rows), default=0.0)
     if worst > 1e-4:
