@@ -193,17 +193,19 @@ class GRPOTrainer:
 
     # -- the pieces of a step ------------------------------------------------------------------
     def load_samples(self, step: int, timers: dict) -> list[Sample]:
-        """This rank's questions of `step`, each video decoded and encoded (timed as `vision`)
-        before the next is decoded, its frames released when the cached embedding serves the
-        whole step (`Runtime.release_pixels`), so a step holds one video's frames, not all of
-        them; an unreadable one is noted in `skipped` and left out."""
+        """This rank's questions of `step`, each video decoded and (MR-SP) encoded once into the
+        step's cache (timed as `vision`) before the next is decoded, its frames released when
+        that embedding serves the whole step (`Runtime.release_pixels`), so a step holds one
+        video's frames, not all of them; vanilla encodes at every use, not here. An unreadable
+        video is noted in `skipped` and left out."""
         r, grid, rt = self.recipe, self.grid, self.rt
         samples = []
         for i in step_records(len(self.records), step, r.train.global_batch, r.seed, grid.dp_rank, grid.dp_size):
             for s in read_samples(rt, self.records, [i], self.video_dir, self.skipped):
-                with Timer(timers, "vision"), torch.no_grad():
-                    rt.embed(s)
-                rt.release_pixels(s)
+                if rt.mode.reuse_embeddings:
+                    with Timer(timers, "vision"), torch.no_grad():
+                        rt.embed(s)
+                    rt.release_pixels(s)
                 samples.append(s)
         return samples
 

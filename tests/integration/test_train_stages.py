@@ -107,6 +107,9 @@ def test_rl_data_parallel_and_vanilla_sp_match_one_process(rl_runs):
            "launch.nproc_per_node=2", "mrsp.sp_size=2")
     vanilla, vanilla_sp2 = metrics(base / "van1"), metrics(base / "van2")
     assert vanilla[3]["grad_norm"] > 0
+    # vanilla encodes at every use and nowhere else: per question G rollouts, G reference rows
+    # and G update rows (2 questions, G = 4; the on-policy step runs no old-policy pass)
+    assert [m["vision_encodes"] for m in vanilla] == [2 * 4 * 3] * 4
     _same_training(vanilla, vanilla_sp2)
 
 
