@@ -130,8 +130,8 @@ class SharedPrefixCache:
     row's generated K/V apart (`suffix`). The model's attention layers call `update` as they
     would a transformers `Cache`'s; only `shared_prefix_decoding` attention can read it."""
 
-    def __init__(self, layers: list[SharedPrefixLayer], prefix_bias: torch.Tensor | None, n: int):
-        self.layers, self.prefix_bias, self.n = layers, prefix_bias, n
+    def __init__(self, layers: list[SharedPrefixLayer], prefix_bias: torch.Tensor | None):
+        self.layers, self.prefix_bias = layers, prefix_bias
 
     @classmethod
     def from_prompt_caches(cls, caches: list, lengths: list[int], n: int, max_steps: int) -> "SharedPrefixCache":
@@ -159,7 +159,7 @@ class SharedPrefixCache:
         if any(L != longest for L in lengths):
             positions = torch.arange(longest, device=layers[0].prefix_keys.device)
             bias = torch.stack([torch.where(positions < L, 0.0, float("-inf")) for L in lengths])
-        return cls(layers, bias, n)
+        return cls(layers, bias)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
