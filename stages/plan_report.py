@@ -134,11 +134,11 @@ def scenario_table(d: Dims, pairs) -> str:
 
 def bench_table(d: Dims, recipe, pairs) -> str:
     """Predicted per-rank step growth (what bench-mrsp measures on CPU) and peak with weights."""
-    rows = [f"  {'frames':>6} {'mode':<12}{'tokens/rank':>12}{'step growth GiB':>17}{'peak GiB':>10}  peak phase"]
+    rows = [f"  {'frames':>6} {'mode':<18}{'tokens/rank':>12}{'step growth GiB':>17}{'peak GiB':>10}  peak phase"]
     for f in recipe.bench.frames:
         for s, _ in pairs:
             bd = breakdown(d, s, f)
-            rows.append(f"  {f:>6} {s.label:<12}{bd.tokens_per_rank:>12,}{gib(bd.step_growth):>17}{gib(bd.peak):>10}"
+            rows.append(f"  {f:>6} {s.label:<18}{bd.tokens_per_rank:>12,}{gib(bd.step_growth):>17}{gib(bd.peak):>10}"
                         f"  {bd.peak_phase}")
     return "\n".join(rows)
 
@@ -179,9 +179,9 @@ def calibration_lines(d: Dims, recipe, path: Path) -> list[str]:
         raise PlanError("--against: compares a bench-mrsp recipe with a bench-mrsp JSON (benchmarks/<name>.json)")
     rows = calibration(d, recipe, measured)
     lines = [f"against {path} ({measured.get('machine', '?')}): predicted step growth vs measured peak per rank",
-             f"  {'frames':>6} {'mode':<12}{'predicted GiB':>14}{'measured GiB':>14}{'error':>8}"]
+             f"  {'frames':>6} {'mode':<18}{'predicted GiB':>14}{'measured GiB':>14}{'error':>8}"]
     for r in rows:
-        lines.append(f"  {r['frames']:>6} {r['mode']:<12}{r['predicted_gib']:>14.3f}{r['measured_gib']:>14.3f}"
+        lines.append(f"  {r['frames']:>6} {r['mode']:<18}{r['predicted_gib']:>14.3f}{r['measured_gib']:>14.3f}"
                      f"{r['error']:>+8.0%}")
     worst = max((abs(r["error"]) for r in rows), default=0.0)
     lines.append(f"  worst error {worst:.0%} over {len(rows)} cells")
