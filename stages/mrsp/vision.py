@@ -1,8 +1,10 @@
 """Sharded vision encoding: each rank of an SP group encodes a slice of a video's frames.
 
 The Qwen vision towers attend only within one temporal patch (two frames), so a video cut
-on temporal-patch boundaries and encoded slice by slice gives exactly the embedding of
-the whole video. Slices may be uneven (30 frames = 15 temporal patches over 4 ranks is
+on temporal-patch boundaries and encoded slice by slice gives the embedding of the whole
+video: the same arithmetic on every patch, up to the GEMM kernel a slice's shape selects (on
+CPU, a slice of fewer than ~16 patches takes another sgemm path for the patch embedding,
+1e-7 apart; larger slices matched bitwise on the one machine measured). Slices may be uneven (30 frames = 15 temporal patches over 4 ranks is
 4, 4, 4, 3); a variable-size all-gather rebuilds the full embedding, and Qwen3-VL's
 deepstack levels, on every rank of the group.
 """

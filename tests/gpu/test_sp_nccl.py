@@ -13,7 +13,7 @@ FAMILIES = ["qwen2.5-vl", "qwen3-vl"]
 
 def test_sp2_on_nccl_matches_unsharded():
     """Per rank (one GPU each): the sharded vision encode within 1e-5 of one process's (not
-    bitwise as on CPU: slices of another shape may take other kernels); the SP forward's
+    bitwise: slices of another shape may take other kernels, as on CPU); the SP forward's
     log-probs and entropies within 1e-5 and gradients within 1e-4 relative of the unsharded
     forward; the shared-prompt forward at SP 2 within 1e-5 of the unshared one."""
     results = run_workers(sp_parity_worker, 2, "nccl", FAMILIES, timeout=300)

@@ -34,7 +34,8 @@ def test_bench_components_writes_per_rank_figures_and_checks_sp_against_sp1(tmp_
     assert [x["frames_per_rank"] for x in by_sp[2]["ranks"]] == [4, 4]
 
     # self-check: the sharded encode and the SP forward give SP 1's outputs
-    assert by_sp[2]["vision_max_abs_diff"] == 0.0
+    # the patch embedding is a matmul: 4-patch slices take another CPU sgemm path (1e-7 apart)
+    assert by_sp[2]["vision_max_abs_diff"] <= 1e-6
     assert by_sp[2]["logprob_max_abs_diff"] < 1e-5
     assert by_sp[1]["logprob_mean"] < -1.0  # real log-probs of a random model, not zeros
     assert abs(by_sp[2]["logprob_mean"] - by_sp[1]["logprob_mean"]) < 1e-5

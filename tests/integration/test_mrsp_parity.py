@@ -51,7 +51,8 @@ def _parity_worker(rank, world, families):
     for family in families:
         torch.manual_seed(0)
         for variant, adapter in (("tiny", load_adapter("tiny:" + family)), ("odd-heads", _odd_heads_adapter(family))):
-            # 1. sharded vision encoding equals the single-process embedding, bitwise
+            # 1. sharded vision encoding equals the single-process embedding (within float
+            #    rounding: a slice's patch-embedding matmul may take another sgemm kernel)
             px, grid_thw = _video(adapter, frames=30)
             with torch.no_grad():
                 ref = adapter.encode_video(px, grid_thw)
@@ -126,7 +127,7 @@ def test_mrsp_sharded_vision_and_sp_forward_match_unsharded():
         for key, value in report.items():
             family, variant, what = key[:3]
             if what == "vision":
-                assert value == (0.0, 0.0), (rank, key, value)  # bitwise, deepstack included
+                assert max(value) <= 1e-6, (rank, key, value)  # deepstack included
             elif what == "logp":
                 logp_err, ent_err, grad_rel = value
                 assert logp_err <= 1e-5 and ent_err <= 1e-5, (rank, key, value)
