@@ -58,6 +58,7 @@ from types import SimpleNamespace
 import torch
 
 from stages.bench_mrsp import exact_rss_mode, trim_heap
+from stages.env import devices_line
 from stages.mrsp.dist import barrier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -262,9 +263,7 @@ def cores() -> int:
 
 def machine_line(env: dict, threads: int) -> str:
     """The machine in words: devices, cores, threads per rank, versions."""
-    cuda = env["devices"].get("cuda") or []
-    where = f"{len(cuda)}x {cuda[0]}" if cuda else f"CPU {env['devices'].get('cpu')} ({env['devices'].get('cpu_isa')})"
-    return (f"{where}, {cores()} cores, {threads} thread(s) per rank, torch {env['versions']['torch']}, "
+    return (f"{devices_line(env['devices'])}, {cores()} cores, {threads} thread(s) per rank, torch {env['versions']['torch']}, "
             f"transformers {env['versions']['transformers']}")
 
 

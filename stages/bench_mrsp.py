@@ -307,11 +307,10 @@ def bench_mode(bench: Bench, name: str, frames: int, tokens: int, warmup_steps: 
             memory.reset(measure=measured)
             samples = [synthetic_sample(rt, frames, b.frame_size, q) for q in qids]
             t0 = time.perf_counter()
-            with torch.no_grad(), Phase(timers, "rollout", rt):
-                if rt.mode.reuse_embeddings:  # encode once (sharded over the SP group), reused below
-                    for s in samples:
-                        rt.embed(s)
-                        cap.check()
+            with Phase(timers, "rollout", rt):
+                for s in samples:  # MR-SP: encoded once (sharded over the SP group), reused below
+                    rt.embed_for_step(s)
+                    cap.check()
             sampling = Sampling(recipe.rollout.temperature, recipe.rollout.top_p, tokens,
                                 seed=recipe.seed + step, stop_token_ids=[-1])  # fixed length: never stop
             with Phase(timers, "rollout", rt):

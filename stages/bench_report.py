@@ -91,14 +91,12 @@ def report(recipe, run, grid: Grid, results: list[dict], peak: dict, searches: l
                                                               else f", none over the cap up to {b.max_frames}")
             for s in searches}
     if grid.is_main:
-        from stages.env import environment
+        from stages.env import devices_line, environment
 
         out = Path(b.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         env = environment(grid.world_size)
-        dev = env["devices"]
-        where = ", ".join(dev["cuda"]) if dev.get("cuda") else f"CPU {dev['cpu']} ({dev.get('cpu_isa')})"
-        machine = f"{where} x{grid.world_size} processes, {os.cpu_count()} cores, torch {env['versions']['torch']}"
+        machine = f"{devices_line(env['devices'])} x{grid.world_size} processes, {os.cpu_count()} cores, torch {env['versions']['torch']}"
         memory = memory_kind(grid, b.memory_cap_gb is not None, b.trim_every_step)
         data = {"name": b.name, "machine": machine, "model": recipe.model.path, "world_size": grid.world_size,
                 "sp_size": recipe.mrsp.sp_size, "rollout_n": recipe.rollout.n,

@@ -30,6 +30,13 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def devices_line(devices: dict) -> str:
+    """`environment()["devices"]` in words: the GPUs (count and name), else the CPU's name
+    and the vector ISA torch's kernels use."""
+    cuda = devices.get("cuda") or []
+    return f"{len(cuda)}x {cuda[0]}" if cuda else f"CPU {devices.get('cpu')} ({devices.get('cpu_isa')})"
+
+
 def environment(world_size: int = 1) -> dict:
     """Versions, git commit, devices and world size (what lm-evaluation-harness records)."""
     import importlib.metadata as md

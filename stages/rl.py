@@ -202,10 +202,9 @@ class GRPOTrainer:
         samples = []
         for i in step_records(len(self.records), step, r.train.global_batch, r.seed, grid.dp_rank, grid.dp_size):
             for s in read_samples(rt, self.records, [i], self.video_dir, self.skipped):
-                if rt.mode.reuse_embeddings:
-                    with Timer(timers, "vision"), torch.no_grad():
-                        rt.embed(s)
-                    rt.release_pixels(s)
+                with Timer(timers, "vision"):
+                    rt.embed_for_step(s)
+                rt.release_pixels(s)
                 samples.append(s)
         return samples
 

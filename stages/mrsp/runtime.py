@@ -203,6 +203,13 @@ class Runtime:
 
         return self.cache.get(f"{v.key}|model {id(tower)}" if own else v.key, encode, grad=grad and not own)
 
+    def embed_for_step(self, sample: Sample) -> None:
+        """Encode `sample`'s video into the step's cache (sharded over the SP group), where the
+        cache serves its later uses; nothing in vanilla mode, which encodes at every use."""
+        if self.mode.reuse_embeddings:
+            with torch.no_grad():
+                self.embed(sample)
+
     def new_step(self) -> None:
         self.cache.new_step()
 
@@ -231,10 +238,8 @@ class Runtime:
         group = self.sp_grid.sp_group
         if group is None or not self.mode.group_rollouts or len(samples) < 2:
             return self._generate(samples, n, sampling, range(first_index, first_index + len(samples)))
-        if self.mode.reuse_embeddings:
-            with torch.no_grad():
-                for s in samples:
-                    self.embed(s)
+        for s in samples:
+            self.embed_for_step(s)
         sp = self.sp_grid.sp_size
         mine = range(self.sp_grid.sp_rank, len(samples), sp)
         parts = all_gather_objects(self._generate([samples[i] for i in mine], n, sampling,
